@@ -6,7 +6,6 @@ import json
 import sys
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -94,20 +93,14 @@ def demo(as_json: JsonFlag = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps LowbitError to exit code 2 with a one-line message on stderr."""
+    """Entry point: maps LowbitError to exit code 2 with a one-line message on stderr.
+
+    Usage errors (unknown option, missing argument) exit with 2 through typer itself."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="lowbit")
     except LowbitError as exc:
         sys.stderr.write(f"lowbit: error: {exc}\n")
         sys.exit(2)
-    except click.exceptions.UsageError as exc:
-        exc.show()
-        sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.stderr.write("lowbit: aborted\n")
-        sys.exit(130)
 
 
 if __name__ == "__main__":
