@@ -273,7 +273,9 @@ def load_model(spec: str | Path | nn.Module, module: nn.Module | None = None, ki
     path = Path(text)
     refuse_pickle(path)
     if not path.exists():
-        raise ModelError(f"{text}: no such file or directory; give a model directory, a .safetensors file or builtin:NAME")
+        raise ModelError(
+            f"{text}: no such file or directory; give a model directory, a .safetensors file or builtin:NAME"
+        )
     if path.is_dir():
         if (path / "lowbit.json").exists():
             from .export.checkpoint import load
