@@ -304,6 +304,8 @@ def parse_format(text: str) -> Format:
                 raise ValueError(unknown)
             asym = base.startswith("uint") or "asym" in flags
             return Int(bits, symmetric=not asym, full_range="full" in flags)
+    except SpecError:
+        raise
     except (ValueError, IndexError):
         pass
     raise SpecError(

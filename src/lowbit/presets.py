@@ -1,0 +1,124 @@
+"""Named recipes with stable names (DESIGN.md); each has a one-line description."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from .errors import SpecError
+from .formats import Binary, Codebook, Float, Format, Int, Log2, NormalFloat, Ternary
+from .granularity import Granularity, PerChannel, PerGroup, PerTensor
+from .recipe import ActivationSpec, LayerScheme, Recipe, Rule
+from .spec import QuantSpec
+
+DYNAMIC_INT8 = ActivationSpec("dynamic", Int(8))
+STATIC_UINT8 = ActivationSpec("static", Int(8, symmetric=False))
+
+
+def _weights(
+    fmt: Format,
+    gran: Granularity | None = None,
+    activation: ActivationSpec | None = None,
+    algorithm: str = "rtn",
+    scale_dtype: str = "float16",
+    **options,
+) -> tuple[Rule, ...]:
+    spec = QuantSpec(fmt, gran or PerChannel(), scale_dtype=scale_dtype)
+    scheme = LayerScheme(spec, activation or ActivationSpec(), algorithm, dict(options))
+    return (Rule(scheme, types=("Linear", "Conv2d")),)
+
+
+_TABLE: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {
+    "int8-dynamic": (
+        "int8 per-channel weights x int8 per-token activations computed at run time (W8A8)",
+        lambda: _weights(Int(8), activation=DYNAMIC_INT8, scale_dtype="float32"),
+    ),
+    "w8a8-static": (
+        "int8 per-channel weights x uint8 per-tensor activations calibrated ahead of time",
+        lambda: _weights(Int(8), activation=STATIC_UINT8, scale_dtype="float32"),
+    ),
+    "w8-weight": (
+        "int8 per-channel weights, float activations (weight-only)",
+        lambda: _weights(Int(8), scale_dtype="float32"),
+    ),
+    "w4-g128": (
+        "4-bit asymmetric weights in groups of 128, fp16 scales, float activations",
+        lambda: _weights(Int(4, symmetric=False), PerGroup(128)),
+    ),
+    "w3-g128": (
+        "3-bit asymmetric weights in groups of 128, round-to-nearest",
+        lambda: _weights(Int(3, symmetric=False), PerGroup(128)),
+    ),
+    "w2-g64": (
+        "2-bit asymmetric weights in groups of 64, round-to-nearest",
+        lambda: _weights(Int(2, symmetric=False), PerGroup(64)),
+    ),
+    "nf4-g64": (
+        "NF4 (normal-quantile 4-bit) weights in groups of 64, fp16 absmax scales",
+        lambda: _weights(NormalFloat(4), PerGroup(64)),
+    ),
+    "fp8": (
+        "fp8 e4m3 per-channel weights x fp8 e4m3 per-token dynamic activations",
+        lambda: _weights(
+            Float("fp8_e4m3"), activation=ActivationSpec("dynamic", Float("fp8_e4m3")), scale_dtype="float32"
+        ),
+    ),
+    "fp16": ("weights stored as float16", lambda: _weights(Float("fp16"), PerTensor())),
+    "bf16": ("weights stored as bfloat16", lambda: _weights(Float("bf16"), PerTensor())),
+    "binary": ("1-bit sign weights x per-channel mean |w| (use QAT to recover)", lambda: _weights(Binary())),
+    "ternary": ("ternary {-1, 0, +1} weights, TWN threshold, per channel", lambda: _weights(Ternary())),
+    "log2-4": ("4-bit power-of-two weights (sign + exponent) per channel", lambda: _weights(Log2(4))),
+    "vq-2bit": (
+        "vector quantization: 256-entry k-means codebook over 4-weight vectors (2 bits/weight)",
+        lambda: _weights(Codebook(256, 4), PerTensor(), scale_dtype="float32"),
+    ),
+    "w4a8": (
+        "4-bit symmetric weights in groups of 128 x int8 per-token dynamic activations",
+        lambda: _weights(Int(4), PerGroup(128), activation=DYNAMIC_INT8),
+    ),
+    "w2a8": (
+        "2-bit asymmetric weights in groups of 64 x int8 per-token dynamic activations",
+        lambda: _weights(Int(2, symmetric=False), PerGroup(64), activation=DYNAMIC_INT8),
+    ),
+    "ternary-a8": (
+        "ternary weights x int8 per-token dynamic activations",
+        lambda: _weights(Ternary(), activation=DYNAMIC_INT8),
+    ),
+    "binary-a8": (
+        "binary weights x int8 per-token dynamic activations",
+        lambda: _weights(Binary(), activation=DYNAMIC_INT8),
+    ),
+}
+
+_EXTRA: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {}
+
+
+def register_preset(name: str, description: str, rules: Callable[[], tuple[Rule, ...]]) -> None:
+    """Add a named preset (algorithms register theirs, e.g. w4-g128-gptq)."""
+    _EXTRA[name] = (description, rules)
+
+
+def _all() -> dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]]:
+    from . import algorithms  # noqa: F401  (registers algorithm presets)
+
+    return {**_TABLE, **_EXTRA}
+
+
+def preset_names() -> list[str]:
+    return list(_all())
+
+
+def describe_presets() -> dict[str, str]:
+    """Preset name -> one-line description, in a stable order."""
+    return {name: desc for name, (desc, _) in _all().items()}
+
+
+def get_preset(name: str) -> Recipe:
+    """The named preset; a typo gets the closest name suggested."""
+    table = _all()
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SpecError(f"recipe {name!r} is not a preset or a recipe file{hint} (see `lowbit recipes`)")
+    desc, rules = table[name]
+    return Recipe(name=name, rules=rules(), description=desc)

@@ -1,0 +1,169 @@
+"""lowbit checkpoints: bit-identical round trips without float weights, atomic writes, bad files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.errors import CheckpointError
+from lowbit.models import Loaded
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return Loaded(
+        LlamaForCausalLM(cfg).eval(),
+        "causal-lm",
+        "tiny-llama",
+        meta={"type": "hf", "auto_class": "AutoModelForCausalLM", "kind": "causal-lm"},
+    )
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return Loaded(
+        BertModel(cfg).eval(), "encoder", "tiny-bert", meta={"type": "hf", "auto_class": "AutoModel", "kind": "encoder"}
+    )
+
+
+@pytest.mark.parametrize("recipe", ["w8-weight", "w4-g128", "int8-dynamic", "nf4-g64", "vq-2bit", "ternary"])
+def test_llama_round_trip_is_bit_identical(recipe, tmp_path):
+    loaded = tiny_llama()
+    ids = torch.randint(0, 96, (2, 11))
+    lowbit.quantize(loaded, recipe)
+    with torch.no_grad():
+        before = loaded.model(ids).logits
+    lowbit.save(loaded, tmp_path / "q")
+    back = lowbit.load(tmp_path / "q")
+    with torch.no_grad():
+        after = back.model(ids).logits
+    assert torch.equal(before, after)
+    manifest = json.loads((tmp_path / "q" / "lowbit.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["recipe"]["name"] == recipe
+    assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert back.model.lm_head.weight is back.model.model.embed_tokens.weight or torch.equal(
+        back.model.lm_head.weight, back.model.model.embed_tokens.weight
+    )
+
+
+def test_static_bert_round_trip_and_load_model_dispatch(tmp_path):
+    loaded = tiny_bert()
+    batches = [{"input_ids": torch.randint(0, 100, (2, 9))} for _ in range(3)]
+    lowbit.quantize(loaded, "w8a8-static", calib=batches)
+    ids = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids).last_hidden_state
+    lowbit.save(loaded, tmp_path / "q")
+    back = lowbit.load_model(str(tmp_path / "q"))  # a lowbit directory is a MODEL too
+    assert back.meta["quantized"] and back.kind == "encoder"
+    with torch.no_grad():
+        assert torch.equal(back.model(input_ids=ids).last_hidden_state, before)
+
+
+def test_custom_module_needs_its_class(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 2))
+    lowbit.quantize(model, "w4-g128")
+    lowbit.save(model, tmp_path / "q")
+    with pytest.raises(CheckpointError, match="module="):
+        lowbit.load(tmp_path / "q")
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 2))
+    back = lowbit.load(tmp_path / "q", module=fresh)
+    x = torch.randn(4, 8)
+    assert torch.equal(back.model(x), model(x))
+
+
+def _saved(tmp_path):
+    loaded = tiny_llama()
+    lowbit.quantize(loaded, "w4-g128")
+    return lowbit.save(loaded, tmp_path / "q")
+
+
+def test_corrupt_checkpoints_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    manifest = json.loads((path / "lowbit.json").read_text())
+
+    (path / "lowbit.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        lowbit.load(path)
+
+    bad = json.loads(json.dumps(manifest))
+    name = next(iter(bad["layers"]))
+    bad["layers"][name]["weight"]["format"]["bits"] = 3
+    (path / "lowbit.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="packed codes"):
+        lowbit.load(path)
+
+    bad = json.loads(json.dumps(manifest))
+    bad["layers"][name]["weight"]["shape"] = [8, 8]
+    (path / "lowbit.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError):
+        lowbit.load(path)
+
+    bad = json.loads(json.dumps(manifest))
+    bad["format_version"] = 99
+    (path / "lowbit.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="newer"):
+        lowbit.load(path)
+
+    (path / "lowbit.json").write_text(json.dumps(manifest))
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        lowbit.load(path)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = _saved(tmp_path)
+    before = sorted(p.name for p in path.iterdir())
+    loaded = tiny_llama()
+    lowbit.quantize(loaded, "w8-weight")
+
+    import lowbit.export.checkpoint as ckpt
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(ckpt, "write_json", boom)
+    with pytest.raises(RuntimeError):
+        lowbit.save(loaded, path)
+    # The old checkpoint is intact and no temporary directory is left behind.
+    assert sorted(p.name for p in path.iterdir()) == before
+    assert json.loads((path / "lowbit.json").read_text())["recipe"]["name"] == "w4-g128"
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+    shutil.rmtree(path)
+    with pytest.raises(RuntimeError):
+        lowbit.save(loaded, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_an_unquantized_model_is_an_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not quantized"):
+        lowbit.save(nn.Linear(2, 2), tmp_path / "x")
