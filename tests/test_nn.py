@@ -93,7 +93,7 @@ def test_layers_that_cannot_be_swapped_are_refused():
 
     lin = Scaled(4, 4)
     qt = QTensor.quantize(lin.weight, QuantSpec(Int(8)))
-    with pytest.raises(UnsupportedError, match="overrides Linear.forward"):
+    with pytest.raises(UnsupportedError, match=r"overrides Linear\.forward"):
         to_quantized(lin, qt, ActivationSpec(), "scaled")
     with pytest.raises(UnsupportedError, match="LSTM"):
         to_quantized(nn.LSTM(4, 4), qt, ActivationSpec(), "lstm")
