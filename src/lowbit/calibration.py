@@ -60,3 +60,23 @@ def collect_input_ranges(
         for handle in handles:
             handle.remove()
     return {name: obs.compute(plan[name].activation.format) for name, obs in observers.items()}
+
+
+def calibration_data(loaded: Any, path: str | None = None, samples: int = 128, seq_len: int = 512) -> list[Any]:
+    """Default calibration batches for a loaded model: random token windows of a text file
+    (WikiText-2 valid by default) for language models, sentences for encoders, images
+    (a folder, or the bundled sample photos) for image classifiers."""
+    from . import data
+
+    if samples < 1 or seq_len < 1:
+        raise DataError(f"calibration needs samples >= 1 and seq_len >= 1 (got {samples}, {seq_len})")
+    if loaded.kind == "causal-lm":
+        windows = data.lm_calibration(loaded.tokenizer, path, samples=samples, seq_len=seq_len)
+        return [{"input_ids": w} for w in windows]
+    if loaded.kind == "encoder":
+        texts = data.sentences(path, count=samples)
+        return data.encoder_batches(loaded.tokenizer, texts, batch_size=16, max_length=min(seq_len, 512))
+    images = data.images(path or "photos")
+    pixels = images[0] if isinstance(images, tuple) else images
+    batch = loaded.preprocess(pixels) if loaded.preprocess is not None else pixels
+    return [batch[i : i + 16] for i in range(0, min(len(batch), samples), 16)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import LowbitError
+from .errors import LowbitError, SpecError
 
 app = typer.Typer(
     name="lowbit",
@@ -90,6 +91,117 @@ def demo(as_json: JsonFlag = False) -> None:
 
     result = format_study_of("builtin:minilm")
     _emit(result, as_json, _format_table(result))
+
+
+@app.command()
+def recipes(as_json: JsonFlag = False) -> None:
+    """List the preset recipes, one line each.
+
+    Example: lowbit recipes
+    """
+    from .presets import describe_presets
+
+    presets = describe_presets()
+    table = Table(title="lowbit presets")
+    table.add_column("recipe")
+    table.add_column("what it does")
+    for name, desc in presets.items():
+        table.add_row(name, desc)
+    _emit({"recipes": presets}, as_json, table)
+
+
+def _check_out_dir(model: str, out: Path) -> None:
+    """Refuse an output directory that is, or lies inside, the input model directory."""
+    src = Path(model)
+    if not model.startswith("builtin:") and src.exists():
+        src_dir = src if src.is_dir() else src.parent
+        try:
+            out.resolve().relative_to(src_dir.resolve())
+        except ValueError:
+            return
+        raise SpecError(f"--out {out} lies inside the input {src_dir}; choose a directory outside the model")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[str, typer.Argument(help="builtin:NAME, a model directory or a .safetensors file.")],
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Preset name (see `lowbit recipes`) or a "
+                                        "JSON/YAML recipe file.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory [default: "
+                                             "./lowbit-out/<model>-<recipe>].")] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration text file or image folder "
+                                              "[default: WikiText-2 valid / sample photos].")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Calibration sequence length (tokens).")] = 512,
+    as_json: JsonFlag = False,
+) -> None:
+    """Quantize MODEL with a recipe and save a lowbit checkpoint directory.
+
+    Example: lowbit quantize builtin:minilm --recipe int8-dynamic --out minilm-int8
+    """
+    import time
+
+    from . import load_model, quantize, save
+    from .calibration import calibration_data
+    from .evaluate.size import directory_bytes, model_size
+    from .recipe import resolve_recipe
+
+    resolved = resolve_recipe(recipe)
+    name = model.removeprefix("builtin:").rstrip("/").split("/")[-1].removesuffix(".safetensors")
+    out = out or Path("lowbit-out") / f"{name}-{resolved.name}"
+    _check_out_dir(model, out)
+    start = time.perf_counter()
+    loaded = load_model(model)
+    batches = calibration_data(loaded, calib, samples, seq_len) if resolved.needs_calibration else None
+    quantize(loaded, resolved, batches)
+    save(loaded, out)
+    size = model_size(loaded.model)
+    result = {
+        "model": model,
+        "recipe": resolved.name,
+        "out": str(out),
+        "layers": len(loaded.model.lowbit.schemes),
+        "size_bytes": directory_bytes(out),
+        "bits_per_weight": size["quantized_bits_per_weight"],
+        "seconds": time.perf_counter() - start,
+    }
+    table = Table(title=f"{model} -> {out}")
+    for key in result:
+        table.add_column(key)
+    table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()])
+    _emit(result, as_json, table)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="A lowbit checkpoint, model directory or builtin:NAME.")],
+    task: Annotated[str, typer.Option(help="perplexity | embedding | classification.")],
+    data: Annotated[str | None, typer.Option(help="Text file / image set [default per task: WikiText-2 test, "
+                                             "WikiText-2 sentences, sample photos].")] = None,
+    reference: Annotated[str | None, typer.Option(help="Float model to compare with [default: the "
+                                                  "checkpoint's source model].")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Perplexity: evaluate only the first N tokens.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Perplexity: window length.")] = 512,
+    as_json: JsonFlag = False,
+) -> None:
+    """Evaluate a model: perplexity, embedding fidelity, or classification accuracy/agreement.
+
+    Example: lowbit eval minilm-int8 --task embedding --json
+    """
+    from . import evaluate, load_model
+
+    loaded = load_model(model)
+    ref = reference or (loaded.meta.get("source_model") if loaded.meta.get("quantized") else None)
+    options = {"max_tokens": max_tokens, "seq_len": seq_len} if task == "perplexity" else {}
+    result = evaluate(loaded, task, data, reference=load_model(ref) if ref else None, **options)
+    result["model"] = model
+    table = Table(title=f"{model}: {task}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in {**result["metrics"], "size_bytes": result["size_bytes"],
+                       "bits_per_weight": result["bits_per_weight"]}.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    _emit(result, as_json, table)
 
 
 def main(argv: list[str] | None = None) -> None:
