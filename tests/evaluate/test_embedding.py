@@ -100,6 +100,7 @@ def test_spearman_without_ties_matches_the_textbook_formula():
     assert spearman(x, np.exp(x)) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)
     assert math.isnan(spearman(x, np.ones(50)))
+    assert math.isnan(spearman([1.0, float("nan"), 3.0], [1, 2, 3]))
 
 
 def test_spearman_errors():

@@ -94,10 +94,13 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def spearman(x: np.ndarray | list[float], y: np.ndarray | list[float]) -> float:
-    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either side is constant."""
+    """Spearman rank correlation (Pearson correlation of average ranks); NaN when either side is
+    constant or holds NaN/Inf."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
         raise DataError(f"spearman: need two 1-D sequences of equal length >= 2, got shapes {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
     rx, ry = average_ranks(x), average_ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
