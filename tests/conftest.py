@@ -13,7 +13,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def minilm_weights() -> dict[str, torch.Tensor]:
-    from lowbit.evaluate.weights import linear_weights
+    from lowbit.evaluation.weights import linear_weights
     from lowbit.io import read_safetensors
     from lowbit.models import builtin_path
 

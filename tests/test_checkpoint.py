@@ -52,11 +52,15 @@ def tiny_bert():
     )
 
 
-@pytest.mark.parametrize("recipe", ["w8-weight", "w4-g128", "int8-dynamic", "nf4-g64", "vq-2bit", "ternary"])
+@pytest.mark.parametrize(
+    "recipe",
+    ["w8-weight", "w4-g128", "int8-dynamic", "int8-dynamic-rtn", "nf4-g64", "vq-2bit", "ternary", "w8a8-static"],
+)
 def test_llama_round_trip_is_bit_identical(recipe, tmp_path):
     loaded = tiny_llama()
     ids = torch.randint(0, 96, (2, 11))
-    lowbit.quantize(loaded, recipe)
+    calib = [{"input_ids": torch.randint(0, 96, (2, 16))} for _ in range(4)]
+    lowbit.quantize(loaded, recipe, calib=calib)
     with torch.no_grad():
         before = loaded.model(ids).logits
     lowbit.save(loaded, tmp_path / "q")

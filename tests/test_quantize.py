@@ -33,12 +33,48 @@ def test_static_calibration_records_input_ranges():
     batches = [torch.randn(8, 16) * 3 for _ in range(4)]
     lo = min(float(b.min()) for b in batches)
     hi = max(float(b.max()) for b in batches)
-    lowbit.quantize(model, "w8a8-static", calib=batches)
-    scale = float(model[0].input_scale)
-    assert scale == pytest.approx((hi - lo) / 255, rel=1e-6)
-    assert int(model[0].input_zero_point) == round(-lo / scale)
+    lowbit.quantize(model, "w8a8-static", calib=batches)  # SmoothQuant-balanced
+    smooth = model[0].input_smooth
+    x = torch.cat(batches)
+    assert float(model[0].input_scale) == pytest.approx(
+        float(((x / smooth).max() - (x / smooth).min()) / 255), rel=1e-5
+    )
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(4, 16))).all()
+
+    plain = mlp()
+    recipe = {
+        "rules": [{"types": ["Linear"], "weight": "int8", "activation": {"mode": "static", "format": "int8-asym"}}]
+    }
+    lowbit.quantize(plain, lowbit.Recipe.from_dict(recipe), calib=batches)
+    scale = float(plain[0].input_scale)
+    assert plain[0].input_smooth is None
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert int(plain[0].input_zero_point) == round(-lo / scale)
+
+
+def test_smoothquant_is_exact_in_float_and_helps_outliers():
+    from lowbit.algorithms.smoothquant import scale_input_channels, smoothing_factors
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 16)
+    x = torch.randn(64, 16)
+    x[:, 3] *= 40  # an outlier channel
+    s = smoothing_factors(x.abs().amax(0), w, 0.5)
+    assert torch.allclose((x / s) @ scale_input_channels(w, s).T, x @ w.T, rtol=1e-4, atol=1e-4)
+    # Depthwise conv: each output channel reads its own input channel.
+    dw = torch.randn(8, 1, 3, 3)
+    s8 = torch.arange(1, 9, dtype=torch.float32)
+    assert torch.equal(scale_input_channels(dw, s8, groups=8), dw * s8.view(8, 1, 1, 1))
+
+    errors = {}
+    for alg in ("rtn", "smoothquant"):
+        model = nn.Sequential(nn.Linear(16, 32))
+        model[0].weight.data = w.clone()
+        recipe = {"include_head": True, "rules": [{"weight": "int8", "activation": "dynamic", "algorithm": alg}]}
+        lowbit.quantize(model, lowbit.Recipe.from_dict(recipe), calib=[x])
+        errors[alg] = float((model(x) - x @ w.T - model[0].bias).pow(2).mean())
+    assert errors["smoothquant"] < 0.5 * errors["rtn"]
 
 
 def test_bad_input():
@@ -64,6 +100,6 @@ def test_cnn_conv_layers_are_swapped():
     )
     x = torch.randn(2, 3, 12, 12)
     ref = model(x)
-    lowbit.quantize(model, "int8-dynamic")
-    assert isinstance(model[0], QConv2d) and isinstance(model[2], QConv2d)
+    lowbit.quantize(model, "int8-dynamic", calib=[torch.randn(4, 3, 12, 12) for _ in range(2)])
+    assert isinstance(model[0], QConv2d) and model[0].input_smooth is not None and isinstance(model[2], QConv2d)
     assert (model(x) - ref).norm() / ref.norm() < 0.03

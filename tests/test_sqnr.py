@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowbit.evaluate.weights import format_study
+from lowbit.evaluation.weights import format_study
 from lowbit.formats import Binary, Float, Int, Log2, NormalFloat, Ternary
 from lowbit.granularity import PerChannel, PerGroup, PerTensor
 from lowbit.ranges import MSE

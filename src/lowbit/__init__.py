@@ -18,7 +18,7 @@ from .recipe import LayerScheme, Recipe
 
 def evaluate(target, task: str, data=None, **options) -> dict:
     """Evaluate a model (``Loaded`` or ``nn.Module``) on ``task``; see ``lowbit.evaluate``."""
-    from .evaluate import evaluate as _evaluate
+    from .evaluation import evaluate as _evaluate
 
     return _evaluate(target, task, data, **options)
 

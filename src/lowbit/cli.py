@@ -82,15 +82,46 @@ def formats(
 
 
 @app.command()
-def demo(as_json: JsonFlag = False) -> None:
-    """Quantize the bundled all-MiniLM-L6-v2 weights in every format and show the cost.
+def demo(
+    sentences: Annotated[int, typer.Option(help="MiniLM: sentences for cosine / top-1.")] = 500,
+    max_tokens: Annotated[int, typer.Option(help="SmolLM2: WikiText-2 test tokens for perplexity.")] = 4096,
+    as_json: JsonFlag = False,
+) -> None:
+    """Quantize the bundled MiniLM and SmolLM2-135M with several recipes; show size, quality, speed.
 
     Example: lowbit demo --json
     """
-    from .demo import format_study_of
+    from .demo import run_demo
 
-    result = format_study_of("builtin:minilm")
-    _emit(result, as_json, _format_table(result))
+    result = run_demo(sentences, max_tokens, log=lambda msg: stderr.print(f"[dim]{msg}[/dim]"))
+    table = Table(title="lowbit demo: quality vs float, measured in this run")
+    for col in ("model", "recipe"):
+        table.add_column(col)
+    for col in ("size MB", "bits/weight", "quality", "float", "latency ms"):
+        table.add_column(col, justify="right")
+    floats = {row["model"]: row for row in result["rows"] if row["recipe"] == "float32"}
+    for row in result["rows"]:
+        base = floats[row["model"]]
+        if "perplexity" in row:
+            quality, ref = f"ppl {row['perplexity']:.2f}", f"ppl {base['perplexity']:.2f}"
+        else:
+            quality = f"cos {row['cosine']:.4f} / top-1 {100 * row['top1']:.1f}%"
+            ref = "cos 1 / top-1 100%"
+        table.add_row(
+            row["model"].removeprefix("builtin:"),
+            row["recipe"],
+            f"{row['size_mb']:.1f}",
+            f"{row['bits_per_weight']:.2f}",
+            quality,
+            ref,
+            f"{row['latency_ms']:.1f}",
+        )
+    table.caption = (
+        f"MiniLM: {result['sentences']} WikiText-2 sentences, latency 16x128; SmolLM2: "
+        f"{result['perplexity_tokens']} WikiText-2 test tokens, latency 1x128; kernels: "
+        f"{result['kernels']}; {result['seconds']:.0f} s"
+    )
+    _emit(result, as_json, table)
 
 
 @app.command()
@@ -125,12 +156,18 @@ def _check_out_dir(model: str, out: Path) -> None:
 @app.command("quantize")
 def quantize_cmd(
     model: Annotated[str, typer.Argument(help="builtin:NAME, a model directory or a .safetensors file.")],
-    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Preset name (see `lowbit recipes`) or a "
-                                        "JSON/YAML recipe file.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory [default: "
-                                             "./lowbit-out/<model>-<recipe>].")] = None,
-    calib: Annotated[str | None, typer.Option("--calib", help="Calibration text file or image folder "
-                                              "[default: WikiText-2 valid / sample photos].")] = None,
+    recipe: Annotated[
+        str, typer.Option("--recipe", "-r", help="Preset name (see `lowbit recipes`) or a JSON/YAML recipe file.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory [default: ./lowbit-out/<model>-<recipe>].")
+    ] = None,
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            "--calib", help="Calibration text file or image folder [default: WikiText-2 valid / sample photos]."
+        ),
+    ] = None,
     samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length (tokens).")] = 512,
     as_json: JsonFlag = False,
@@ -143,7 +180,7 @@ def quantize_cmd(
 
     from . import load_model, quantize, save
     from .calibration import calibration_data
-    from .evaluate.size import directory_bytes, model_size
+    from .evaluation.size import directory_bytes, model_size
     from .recipe import resolve_recipe
 
     resolved = resolve_recipe(recipe)
@@ -176,10 +213,15 @@ def quantize_cmd(
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="A lowbit checkpoint, model directory or builtin:NAME.")],
     task: Annotated[str, typer.Option(help="perplexity | embedding | classification.")],
-    data: Annotated[str | None, typer.Option(help="Text file / image set [default per task: WikiText-2 test, "
-                                             "WikiText-2 sentences, sample photos].")] = None,
-    reference: Annotated[str | None, typer.Option(help="Float model to compare with [default: the "
-                                                  "checkpoint's source model].")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Text file / image set [default per task: WikiText-2 test, WikiText-2 sentences, sample photos]."
+        ),
+    ] = None,
+    reference: Annotated[
+        str | None, typer.Option(help="Float model to compare with [default: the checkpoint's source model].")
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Perplexity: evaluate only the first N tokens.")] = None,
     seq_len: Annotated[int, typer.Option(help="Perplexity: window length.")] = 512,
     as_json: JsonFlag = False,
@@ -198,8 +240,11 @@ def eval_cmd(
     table = Table(title=f"{model}: {task}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in {**result["metrics"], "size_bytes": result["size_bytes"],
-                       "bits_per_weight": result["bits_per_weight"]}.items():
+    for key, value in {
+        **result["metrics"],
+        "size_bytes": result["size_bytes"],
+        "bits_per_weight": result["bits_per_weight"],
+    }.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     _emit(result, as_json, table)
 

@@ -30,12 +30,16 @@ def _weights(
 
 _TABLE: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {
     "int8-dynamic": (
-        "int8 per-channel weights x int8 per-token activations computed at run time (W8A8)",
+        "int8 per-channel weights x int8 per-token activations at run time, SmoothQuant-balanced (W8A8)",
+        lambda: _weights(Int(8), activation=DYNAMIC_INT8, algorithm="smoothquant", scale_dtype="float32", alpha="auto"),
+    ),
+    "int8-dynamic-rtn": (
+        "int8 per-channel weights x int8 per-token activations, no calibration data (plain W8A8)",
         lambda: _weights(Int(8), activation=DYNAMIC_INT8, scale_dtype="float32"),
     ),
     "w8a8-static": (
-        "int8 per-channel weights x uint8 per-tensor activations calibrated ahead of time",
-        lambda: _weights(Int(8), activation=STATIC_UINT8, scale_dtype="float32"),
+        "int8 per-channel weights x uint8 per-tensor activations calibrated ahead of time, SmoothQuant-balanced",
+        lambda: _weights(Int(8), activation=STATIC_UINT8, algorithm="smoothquant", scale_dtype="float32", alpha="auto"),
     ),
     "w8-weight": (
         "int8 per-channel weights, float activations (weight-only)",

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import get_algorithm
-from .calibration import collect_input_ranges
+from .algorithms import as_result, get_algorithm
+from .calibration import collect_statistics
 from .errors import DataError, SpecError
 from .models import Loaded
 from .nn import QModule, set_submodule, to_quantized
@@ -55,15 +55,23 @@ def quantize(
         if scheme.weight is None:
             raise SpecError(f"{name}: the scheme has no weight spec; use fp16/bf16 to keep weights in float")
         check_finite(module.get_submodule(name).weight, f"{name}.weight")
-    batches = None
-    if any(s.needs_calibration for s in plan.values()):
+    algorithms = {name: get_algorithm(scheme.algorithm, name) for name, scheme in plan.items()}
+    needs = {
+        name: set(algorithms[name].stats) | ({"range", "channels"} if scheme.activation.mode == "static" else set())
+        for name, scheme in plan.items()
+    }
+    stats = {}
+    if any(needs.values()):
+        if calib is None and isinstance(model, Loaded):
+            from .calibration import calibration_data
+
+            calib = calibration_data(model)  # the default data for this kind of model
         if calib is None:
             raise DataError(
                 f"recipe {recipe.name!r} needs calibration data (static activations or a data-driven "
                 "algorithm); pass calib= (CLI: --calib PATH)"
             )
-        batches = list(calib)
-    ranges = collect_input_ranges(module, plan, batches) if batches is not None else {}
+        stats = collect_statistics(module, plan, list(calib), needs)
     record = QuantizationRecord(recipe)
     if isinstance(model, Loaded):
         record.source = {"model": model.source, "sha256": model.sha256}
@@ -73,12 +81,25 @@ def quantize(
             progress(name, index, len(plan))
         start = time.perf_counter()
         layer = module.get_submodule(name)
-        algorithm = get_algorithm(scheme.algorithm, name)
         with torch.no_grad():
-            qweight = algorithm.fn(layer.weight.detach(), scheme.weight, None, name=name, **scheme.options)
-        new = to_quantized(layer, qweight, scheme.activation, name)
-        if name in ranges:
-            lo, hi = ranges[name]
+            result = as_result(
+                algorithms[name].fn(
+                    layer.weight.detach(),
+                    scheme.weight,
+                    stats.get(name),
+                    name=name,
+                    activation=scheme.activation,
+                    groups=getattr(layer, "groups", 1),
+                    **scheme.options,
+                )
+            )
+        new = to_quantized(layer, result.qweight, scheme.activation, name)
+        if result.smooth is not None:
+            new.set_input_smooth(result.smooth)
+        if result.bias is not None:
+            new.bias = nn.Parameter(result.bias.detach().clone(), requires_grad=False)
+        if scheme.activation.mode == "static":
+            lo, hi = stats[name].input_range(scheme.activation, result.smooth)
             qp = qparams_from_range(scheme.activation.format, lo, hi)
             new.set_input_qparams(qp.scale, qp.zero_point)
         new.train(layer.training)

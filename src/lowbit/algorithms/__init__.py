@@ -1,7 +1,8 @@
 """Quantization algorithms: pure functions that take a weight (and statistics) and a format.
 
 Each algorithm is registered with the options it accepts and the calibration statistics it
-needs, so recipes can be validated before any work starts.
+needs (see ``calibration.STAT_KINDS``), so recipes are validated before any work starts and
+calibration collects exactly what is used.
 """
 
 from __future__ import annotations
@@ -9,35 +10,54 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import SpecError
+from ..tensor import QTensor
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """A registered algorithm: ``fn(weight, spec, stats, **options) -> QTensor``."""
+    """A registered algorithm: ``fn(weight, spec, stats, *, name, activation, **options)``
+    returning a QTensor or a LayerResult."""
 
     name: str
     fn: Callable
     options: frozenset[str]
-    needs_data: bool
+    stats: frozenset[str]
     description: str
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.stats)
+
+
+@dataclass
+class LayerResult:
+    """An algorithm's output for one layer: the quantized weight, plus an optional per-input-
+    channel divisor ``smooth`` (x / smooth enters the layer; SmoothQuant, AWQ) and an optional
+    replacement ``bias`` (bias correction)."""
+
+    qweight: QTensor
+    smooth: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}
 
 
-def register_algorithm(name: str, options: set[str], needs_data: bool, description: str):
+def register_algorithm(name: str, options: set[str], stats: set[str], description: str):
     """Decorator registering ``fn`` under ``name``."""
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY[name] = Algorithm(name, fn, frozenset(options), needs_data, description)
+        _REGISTRY[name] = Algorithm(name, fn, frozenset(options), frozenset(stats), description)
         return fn
 
     return wrap
 
 
 def _load_builtin() -> None:
-    from . import rtn  # noqa: F401
+    from . import rtn, smoothquant  # noqa: F401
 
 
 def get_algorithm(name: str, where: str = "algorithm") -> Algorithm:
@@ -62,3 +82,7 @@ def algorithm_needs_data(name: str) -> bool:
 def available_algorithms() -> dict[str, str]:
     _load_builtin()
     return {name: algo.description for name, algo in _REGISTRY.items()}
+
+
+def as_result(value: QTensor | LayerResult) -> LayerResult:
+    return value if isinstance(value, LayerResult) else LayerResult(value)

@@ -9,7 +9,7 @@ from ..tensor import QTensor
 from . import register_algorithm
 
 
-@register_algorithm("rtn", options=set(), needs_data=False, description="round to nearest on the spec's range")
-def rtn(weight: torch.Tensor, spec: QuantSpec, stats: object = None, name: str = "weight") -> QTensor:
+@register_algorithm("rtn", options=set(), stats=set(), description="round to nearest on the spec's range")
+def rtn(weight: torch.Tensor, spec: QuantSpec, stats: object = None, *, name: str = "weight", **_) -> QTensor:
     """Quantize ``weight`` per ``spec`` with no data: the range estimator alone picks the grid."""
     return QTensor.quantize(weight.detach(), spec, name=name)

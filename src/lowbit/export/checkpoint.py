@@ -83,6 +83,7 @@ def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None
             "scheme": scheme.to_dict(),
             "weight": layer.qweight.meta(),
             "static_input": layer.input_scale is not None,
+            "input_smooth": layer.input_smooth is not None,
         }
     arch = _architecture(module, record)
     manifest = {
@@ -172,6 +173,15 @@ def load(directory: str | Path, module: nn.Module | None = None) -> Loaded:
             if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
                 raise CheckpointError(f"{name}: static activation scale is missing or invalid")
             qlayer.set_input_qparams(scale, zero)
+        if entry.get("input_smooth"):
+            smooth = tensors.get(f"{name}.input_smooth")
+            if (
+                smooth is None
+                or smooth.shape != (qlayer.qweight.shape[1] * getattr(qlayer, "groups", 1),)
+                or not bool(torch.isfinite(smooth).all() and (smooth > 0).all())
+            ):
+                raise CheckpointError(f"{name}: input_smooth is missing or invalid")
+            qlayer.set_input_smooth(smooth)
         set_submodule(model, name, qlayer)
         record.schemes[name] = scheme
     for alias, owner in manifest.get("tied", {}).items():

@@ -13,17 +13,25 @@ from . import register_kernel
 
 
 def quantize_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Activations as the kernels see them: dynamic (per token, at run time) or static
-    (calibrated ``input_scale``/``input_zero_point``) fake quantization; unchanged otherwise."""
+    """Activations as the kernels see them: divided by ``input_smooth`` when set, then dynamic
+    (per token, at run time) or static (calibrated ``input_scale``/``input_zero_point``) fake
+    quantization; unchanged otherwise. Conv inputs are seen channels-last: a pixel is a token."""
     spec = module.activation
-    if spec.mode == "none":
+    if module.input_smooth is None and spec.mode == "none":
         return x
-    gran = spec.resolved_granularity
-    if spec.mode == "dynamic":
-        qp = choose_qparams(x, spec.format, gran, spec.range, name="activation")
-    else:
-        qp = QParams(module.input_scale, module.input_zero_point)
-    return dequantize(quantize(x, spec.format, qp, gran), spec.format, qp, gran, x.shape, x.dtype)
+    conv = module.op == "conv2d"
+    if conv:
+        x = x.movedim(1, -1)
+    if module.input_smooth is not None:
+        x = x / module.input_smooth.to(x.dtype)
+    if spec.mode != "none":
+        gran = spec.resolved_granularity
+        if spec.mode == "dynamic":
+            qp = choose_qparams(x, spec.format, gran, spec.range, name="activation")
+        else:
+            qp = QParams(module.input_scale, module.input_zero_point)
+        x = dequantize(quantize(x, spec.format, qp, gran), spec.format, qp, gran, x.shape, x.dtype)
+    return x.movedim(-1, 1) if conv else x
 
 
 @register_kernel("linear", "reference", priority=-100)

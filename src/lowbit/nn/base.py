@@ -37,6 +37,7 @@ class QModule(nn.Module):
         self.activation = activation
         self.register_buffer("input_scale", None)
         self.register_buffer("input_zero_point", None)
+        self.register_buffer("input_smooth", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.layout = layout_of(qweight)
         self._kernel_cache: dict = {}
@@ -63,6 +64,10 @@ class QModule(nn.Module):
         """Calibrated static activation parameters."""
         self.input_scale = scale.detach().clone()
         self.input_zero_point = None if zero_point is None else zero_point.detach().clone()
+
+    def set_input_smooth(self, smooth: torch.Tensor) -> None:
+        """Per-input-channel divisor applied before activations are quantized (SmoothQuant, AWQ)."""
+        self.input_smooth = smooth.detach().float().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels

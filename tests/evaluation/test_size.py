@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ModelError
-from lowbit.evaluate.size import directory_bytes, model_size
+from lowbit.evaluation.size import directory_bytes, model_size
 from lowbit.formats import Int
 from lowbit.granularity import PerGroup
 from lowbit.spec import QuantSpec

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.errors import DataError, ModelError
-from lowbit.evaluate.embedding import (
+from lowbit.evaluation.embedding import (
     average_ranks,
     embedding_fidelity,
     nearest_neighbours,

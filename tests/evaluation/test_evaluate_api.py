@@ -1,4 +1,4 @@
-"""lowbit.evaluate.evaluate: the CLI contract, task dispatch, options and error messages."""
+"""lowbit.evaluation.evaluate: the CLI contract, task dispatch, options and error messages."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowbit.errors import DataError, ModelError
-from lowbit.evaluate import evaluate
-from lowbit.evaluate.perplexity import perplexity
+from lowbit.evaluation import evaluate
+from lowbit.evaluation.perplexity import perplexity
 from lowbit.models import Loaded
 
 CONTRACT = {"task", "metrics", "size_bytes", "bits_per_weight", "model", "data"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit.errors import DataError, ModelError
-from lowbit.evaluate.classification import classify
+from lowbit.evaluation.classification import classify
 
 
 class Fixed(torch.nn.Module):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit.errors import DataError
-from lowbit.evaluate.latency import latency
+from lowbit.evaluation.latency import latency
 
 
 def test_runs_and_warmup_are_counted():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit.errors import DataError, ModelError
-from lowbit.evaluate.perplexity import perplexity, perplexity_of_ids, windows
+from lowbit.evaluation.perplexity import perplexity, perplexity_of_ids, windows
 
 
 def hf_reference_nll(model, ids: torch.Tensor, seq_len: int, stride: int) -> tuple[float, int]:

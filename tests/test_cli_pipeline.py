@@ -1,0 +1,132 @@
+"""quantize -> save -> eval through the CLI, on a tiny HF model and on real MiniLM; bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowbit", *args], capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "ship",
+        "sea",
+        "big",
+        "small",
+        "red",
+        "green",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+    ]
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        architectures=["BertModel"],
+    )
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_quantize_then_eval_a_model_directory(tiny_bert_dir, tmp_path):
+    out = tmp_path / "q"
+    result = run("quantize", str(tiny_bert_dir), "--recipe", "w8-weight", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["recipe"] == "w8-weight" and info["layers"] == 12 and (out / "lowbit.json").exists()
+    assert 8.4 < info["bits_per_weight"] < 9.0  # 8-bit codes + one fp32 scale per row of 32-64
+    manifest = json.loads((out / "lowbit.json").read_text())
+    assert manifest["source"]["model"] == str(tiny_bert_dir) and len(manifest["source"]["sha256"]) == 64
+    ev = run("eval", str(out), "--task", "embedding", "--json")
+    assert ev.returncode == 0, ev.stderr
+    data = json.loads(ev.stdout)
+    assert set(data) >= {"task", "metrics", "size_bytes", "bits_per_weight", "model"}
+    assert data["metrics"]["mean_cosine"] > 0.99  # compared with the source model named in lowbit.json
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quantize", "/no/such/model", "--recipe", "w8-weight"], "no such file"),
+        (["quantize", "{empty}", "--recipe", "w8-weight"], "not a model directory"),
+        (["quantize", "{model}", "--recipe", "w4-g12"], "did you mean 'w4-g128'"),
+        (["quantize", "{model}", "--recipe", "{bad_recipe}"], "unknown key 'wieght'"),
+        (["quantize", "{truncated}", "--recipe", "w8-weight"], "truncated"),
+        (["quantize", "{model}", "--recipe", "w8-weight", "--out", "{model}/inside"], "inside the input"),
+        (["eval", "{model}", "--task", "perplexitty"], "task"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_output(args, message, tiny_bert_dir, tmp_path):
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_bert_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    bad_recipe = tmp_path / "bad.json"
+    bad_recipe.write_text(json.dumps({"rules": [{"wieght": "int8"}]}))
+    fill = {
+        "empty": str(empty),
+        "model": str(tiny_bert_dir),
+        "truncated": str(truncated),
+        "bad_recipe": str(bad_recipe),
+    }
+    out_dir = tmp_path / "out"
+    args = [a.format(**fill) for a in args]
+    if "--out" not in args and args[0] == "quantize":
+        args += ["--out", str(out_dir)]
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out_dir.exists() and not (tiny_bert_dir / "inside").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_recipes_lists_presets():
+    result = run("recipes", "--json")
+    presets = json.loads(result.stdout)["recipes"]
+    assert {"int8-dynamic", "w4-g128", "nf4-g64", "vq-2bit"} <= set(presets)
+
+
+@pytest.mark.slow
+def test_minilm_int8_dynamic_end_to_end(tmp_path):
+    out = tmp_path / "minilm-int8"
+    result = run("quantize", "builtin:minilm", "--recipe", "int8-dynamic", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    ev = run("eval", str(out), "--task", "embedding", "--json")
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads(ev.stdout)["metrics"]
+    # Issue 3: cosine >= 0.99 and top-1 agreement >= 95% against the float model.
+    assert metrics["mean_cosine"] >= 0.99 and metrics["top1_agreement"] >= 0.95, metrics
