@@ -130,3 +130,20 @@ def test_minilm_int8_dynamic_end_to_end(tmp_path):
     metrics = json.loads(ev.stdout)["metrics"]
     # Issue 3: cosine >= 0.99 and top-1 agreement >= 95% against the float model.
     assert metrics["mean_cosine"] >= 0.99 and metrics["top1_agreement"] >= 0.95, metrics
+
+
+@pytest.mark.slow
+def test_demo_json_contract():
+    result = run("demo", "--sentences", "120", "--max-tokens", "1024", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    recipes = {(r["model"], r["recipe"]) for r in rows}
+    assert {("builtin:minilm", r) for r in ("float32", "int8-dynamic", "w8-weight", "w4-g128", "nf4-g64")} <= recipes
+    assert {("builtin:smollm2-135m", r) for r in ("float32", "w8-weight", "w4-g128")} <= recipes
+    by = {(r["model"], r["recipe"]): r for r in rows}
+    float_ppl = by[("builtin:smollm2-135m", "float32")]["perplexity"]
+    assert abs(by[("builtin:smollm2-135m", "w8-weight")]["perplexity"] / float_ppl - 1) < 0.01
+    assert by[("builtin:minilm", "int8-dynamic")]["cosine"] > 0.99
+    for row in rows:
+        assert row["size_mb"] > 0 and row["latency_ms"] > 0 and row["bits_per_weight"] > 0
+    assert by[("builtin:minilm", "w4-g128")]["size_mb"] < by[("builtin:minilm", "w8-weight")]["size_mb"]

@@ -94,7 +94,7 @@ def demo(
     from .demo import run_demo
 
     result = run_demo(sentences, max_tokens, log=lambda msg: stderr.print(f"[dim]{msg}[/dim]"))
-    table = Table(title="lowbit demo: quality vs float, measured in this run")
+    table = Table(title="lowbit demo (quality: MiniLM cosine / top-1 agreement, SmolLM2 perplexity)")
     for col in ("model", "recipe"):
         table.add_column(col)
     for col in ("size MB", "bits/weight", "quality", "float", "latency ms"):
@@ -103,10 +103,9 @@ def demo(
     for row in result["rows"]:
         base = floats[row["model"]]
         if "perplexity" in row:
-            quality, ref = f"ppl {row['perplexity']:.2f}", f"ppl {base['perplexity']:.2f}"
+            quality, ref = f"ppl {row['perplexity']:.2f}", f"{base['perplexity']:.2f}"
         else:
-            quality = f"cos {row['cosine']:.4f} / top-1 {100 * row['top1']:.1f}%"
-            ref = "cos 1 / top-1 100%"
+            quality, ref = f"{row['cosine']:.4f} / {100 * row['top1']:.1f}%", "1 / 100%"
         table.add_row(
             row["model"].removeprefix("builtin:"),
             row["recipe"],
