@@ -43,7 +43,7 @@ def test_data_root_env_not_a_directory(tmp_path, monkeypatch):
 def test_data_root_found_beside_a_checkout(tmp_path, monkeypatch):
     """A CI clone at <x>/repo with the data at <x>/shared/data, searched from a subfolder."""
     monkeypatch.delenv("LOWBIT_DATA", raising=False)
-    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "wikitext-2").mkdir(parents=True)
     work = tmp_path / "repo" / "tests" / "deep"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -53,10 +53,18 @@ def test_data_root_found_beside_a_checkout(tmp_path, monkeypatch):
 
 def test_data_root_found_from_the_package_file(tmp_path, monkeypatch):
     monkeypatch.delenv("LOWBIT_DATA", raising=False)
-    (tmp_path / "ci" / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "ci" / "shared" / "data" / "wikitext-2").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "__file__", str(tmp_path / "ci" / "clone" / "src" / "lowbit" / "data.py"))
     assert data.data_root() == tmp_path / "ci" / "shared" / "data"
+
+
+def test_data_root_prefers_the_repository_copy(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOWBIT_DATA", raising=False)
+    (tmp_path / "repo" / "data" / "wikitext-2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "repo" / "src" / "lowbit" / "data.py"))
+    assert data.data_root() == tmp_path / "repo" / "data"
 
 
 def test_data_root_missing_names_the_variable(tmp_path, monkeypatch):

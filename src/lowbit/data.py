@@ -29,8 +29,8 @@ _ABBREVIATIONS = {"dr.", "mr.", "mrs.", "ms.", "prof.", "st.", "jr.", "sr.", "vs
 
 
 def data_root() -> Path:
-    """The shared data folder: ``$LOWBIT_DATA``, else the nearest ``shared/data`` above the
-    current directory or this package (a checkout keeps ``../shared`` beside the repo)."""
+    """The data folder: ``$LOWBIT_DATA``, else the nearest ``data/wikitext-2`` (the copy kept in
+    the repository) or ``shared/data`` above the current directory or this package."""
     env = os.environ.get("LOWBIT_DATA")
     if env:
         root = Path(env).expanduser()
@@ -40,11 +40,11 @@ def data_root() -> Path:
     seen: set[Path] = set()
     for start in (Path.cwd(), Path(__file__).resolve().parent):
         for ancestor in (start, *start.parents):
-            for candidate in (ancestor / "shared" / "data", ancestor.parent / "shared" / "data"):
+            for candidate in (ancestor / "data", ancestor / "shared" / "data", ancestor.parent / "shared" / "data"):
                 if candidate in seen:
                     continue
                 seen.add(candidate)
-                if candidate.is_dir():
+                if (candidate / "wikitext-2").is_dir():
                     return candidate
     raise DataError(
         f"no shared/data folder found above {Path.cwd()} or {Path(__file__).parent}; "
