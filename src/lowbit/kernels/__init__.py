@@ -78,7 +78,27 @@ def _load() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        from . import reference  # noqa: F401
+        # Importing registers; the CPU modules check their own availability.
+        from . import cpu_int8, cpu_weightonly, reference  # noqa: F401
+
+
+def prepacked(module: nn.Module, key: str, build: Callable[[nn.Module], object]) -> object:
+    """``build(module)`` computed once per module and weight (a kernel's own weight layout),
+    cached on the module and rebuilt if the module's codes change (e.g. after ``.to()``)."""
+    cache = module.__dict__.setdefault("_kernel_cache", {})
+    stamp = (module.qdata.data_ptr(), module.qdata.device.type)
+    entry = cache.get(key)
+    if entry is None or entry[0] != stamp:
+        entry = (stamp, build(module))
+        cache[key] = entry
+    return entry[1]
+
+
+def native_available() -> bool:
+    """True when lowbit's compiled AVX-512 kernels are built and loaded on this machine."""
+    from .build import load
+
+    return load()
 
 
 def kernels_for(op: str) -> list[Kernel]:

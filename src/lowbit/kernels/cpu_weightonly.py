@@ -1,0 +1,1 @@
+"""Weight-only and lookup-table CPU kernels: filled in by the weight-only kernel work."""
