@@ -16,7 +16,7 @@ from .errors import DataError
 from .ranges import MinMax, MovingMinMax, RangeObserver
 from .recipe import ActivationSpec, LayerScheme
 
-STAT_KINDS = ("channels", "samples", "hessian", "range")
+STAT_KINDS = ("channels", "mean", "samples", "hessian", "range")
 
 
 def forward_batch(model: nn.Module, batch: Any) -> Any:
@@ -49,6 +49,7 @@ class LayerStats:
     rows_seen: int = 0
     channel_min: torch.Tensor | None = None
     channel_max: torch.Tensor | None = None
+    channel_sum: torch.Tensor | None = None
     samples: torch.Tensor | None = None
     hessian_sum: torch.Tensor | None = None
     hessian_rows: int = 0
@@ -57,6 +58,10 @@ class LayerStats:
     @property
     def channel_absmax(self) -> torch.Tensor:
         return torch.maximum(self.channel_min.abs(), self.channel_max.abs())
+
+    @property
+    def channel_mean(self) -> torch.Tensor:
+        return self.channel_sum / max(1, self.rows_seen)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -115,6 +120,9 @@ class _Collector:
             lo, hi = rows.amin(dim=0), rows.amax(dim=0)
             stats.channel_min = lo if stats.channel_min is None else torch.minimum(stats.channel_min, lo)
             stats.channel_max = hi if stats.channel_max is None else torch.maximum(stats.channel_max, hi)
+        if "mean" in self.kinds:
+            total = rows.double().sum(dim=0)
+            stats.channel_sum = total if stats.channel_sum is None else stats.channel_sum + total
         if "samples" in self.kinds:
             self._sample(rows)
         if "hessian" in self.kinds:

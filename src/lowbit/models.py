@@ -111,8 +111,10 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _kind_of(config: Any) -> str:
+def _kind_of(config: Any, model: nn.Module | None = None) -> str:
     archs = list(getattr(config, "architectures", None) or [])
+    if model is not None:
+        archs.append(type(model).__name__)
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return "causal-lm"
     if any(a.endswith("ForImageClassification") for a in archs):

@@ -57,6 +57,46 @@ _TABLE: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {
         "2-bit asymmetric weights in groups of 64, round-to-nearest",
         lambda: _weights(Int(2, symmetric=False), PerGroup(64)),
     ),
+    "w4-g128-gptq": (
+        "4-bit asymmetric groups of 128 by GPTQ (Hessian-aware, act-order), calibrated",
+        lambda: _weights(Int(4, symmetric=False), PerGroup(128), algorithm="gptq"),
+    ),
+    "w4-g128-awq": (
+        "4-bit asymmetric groups of 128 by AWQ (activation-aware scales + clipping), calibrated",
+        lambda: _weights(Int(4, symmetric=False), PerGroup(128), algorithm="awq"),
+    ),
+    "w4-g128-hqq": (
+        "4-bit asymmetric groups of 128 by HQQ (zero points optimised, no data)",
+        lambda: _weights(Int(4, symmetric=False), PerGroup(128), algorithm="hqq"),
+    ),
+    "w3-g128-gptq": (
+        "3-bit asymmetric groups of 128 by GPTQ, calibrated",
+        lambda: _weights(Int(3, symmetric=False), PerGroup(128), algorithm="gptq"),
+    ),
+    "w3-g128-awq": (
+        "3-bit asymmetric groups of 128 by AWQ, calibrated",
+        lambda: _weights(Int(3, symmetric=False), PerGroup(128), algorithm="awq"),
+    ),
+    "w3-g128-hqq": (
+        "3-bit asymmetric groups of 128 by HQQ (no data)",
+        lambda: _weights(Int(3, symmetric=False), PerGroup(128), algorithm="hqq"),
+    ),
+    "w2-g64-gptq": (
+        "2-bit asymmetric groups of 64 by GPTQ, calibrated",
+        lambda: _weights(Int(2, symmetric=False), PerGroup(64), algorithm="gptq"),
+    ),
+    "w2-g64-awq": (
+        "2-bit asymmetric groups of 64 by AWQ, calibrated",
+        lambda: _weights(Int(2, symmetric=False), PerGroup(64), algorithm="awq"),
+    ),
+    "w2-g64-hqq": (
+        "2-bit asymmetric groups of 64 by HQQ (zero points optimised, no data)",
+        lambda: _weights(Int(2, symmetric=False), PerGroup(64), algorithm="hqq"),
+    ),
+    "int8-outliers": (
+        "int8 per-token x per-channel, activation outlier channels (|x| > 6) kept in float (LLM.int8)",
+        lambda: _weights(Int(8), activation=DYNAMIC_INT8, algorithm="outliers", scale_dtype="float32"),
+    ),
     "nf4-g64": (
         "NF4 (normal-quantile 4-bit) weights in groups of 64, fp16 absmax scales",
         lambda: _weights(NormalFloat(4), PerGroup(64)),
@@ -94,18 +134,9 @@ _TABLE: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {
     ),
 }
 
-_EXTRA: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {}
-
-
-def register_preset(name: str, description: str, rules: Callable[[], tuple[Rule, ...]]) -> None:
-    """Add a named preset (algorithms register theirs, e.g. w4-g128-gptq)."""
-    _EXTRA[name] = (description, rules)
-
 
 def _all() -> dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]]:
-    from . import algorithms  # noqa: F401  (registers algorithm presets)
-
-    return {**_TABLE, **_EXTRA}
+    return _TABLE
 
 
 def preset_names() -> list[str]:

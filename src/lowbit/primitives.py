@@ -218,7 +218,12 @@ def quantize(x: torch.Tensor, fmt: Format, qp: QParams, granularity: Granularity
         return t.to(fmt.torch_dtype).view(torch.uint8)
     scale, zero = _expanded(qp, fmt, gran, x.shape)
     if isinstance(fmt, Int):
-        q = torch.round(x / scale) + (zero if zero is not None else 0.0)
+        if zero is None:
+            q = torch.round(x / scale)
+        elif qp.zero_point.is_floating_point():  # fractional zero point (HQQ): round after the shift
+            q = torch.round(x / scale + zero)
+        else:  # integer zero point: round, then shift (the ONNX QuantizeLinear convention)
+            q = torch.round(x / scale) + zero
         return (q.clamp(fmt.qmin, fmt.qmax) - fmt.qmin).to(torch.uint8)
     if isinstance(fmt, Ternary):
         keep = x.abs() > _ternary_threshold(x, fmt, gran)

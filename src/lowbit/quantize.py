@@ -1,7 +1,14 @@
-"""quantize(model, recipe, calib): the one place that walks a model and swaps its layers."""
+"""quantize(model, recipe, calib): the one place that walks a model and swaps its layers.
+
+Layers that need calibration statistics are quantized block by block when the model is
+built from repeated blocks (each block sees the outputs of the already-quantized blocks
+before it, and only one block's statistics are held at a time); other layers use one
+calibration pass over the whole model.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithms import as_result, get_algorithm
+from .algorithms import Algorithm, as_result, get_algorithm
+from .algorithms.awq import search_scales
 from .calibration import collect_statistics
 from .errors import DataError, SpecError
 from .models import Loaded
 from .nn import QModule, set_submodule, to_quantized
 from .primitives import check_finite, qparams_from_range
 from .recipe import LayerScheme, Recipe, resolve_recipe
+from .sequential import find_blocks, fold_into_norm, run_sequential
 
 
 @dataclass
@@ -29,6 +38,108 @@ class QuantizationRecord:
     source: dict[str, Any] = field(default_factory=dict)  # {"model": spec, "sha256": digest}
     kind: str = "encoder"
     architecture: dict[str, Any] = field(default_factory=dict)
+    folded: dict[str, list[str]] = field(default_factory=dict)  # norm -> layers whose scales it absorbed
+
+
+def stats_needed(algorithm: Algorithm, scheme: LayerScheme) -> set[str]:
+    """Calibration statistics a layer's scheme uses."""
+    needs = set(algorithm.stats)
+    if scheme.activation.mode == "static":
+        needs |= {"range", "channels"}
+    if scheme.bias_correction:
+        needs.add("mean")
+    return needs
+
+
+def bias_shift(weight: torch.Tensor, effective: torch.Tensor, mean: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Expected output error (W - W_q) E[x] per output channel (bias correction)."""
+    from .algorithms.smoothquant import input_channel_view
+
+    diff = (weight.float() - effective.float()).reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)
+    return (diff * mean.float()[input_channel_view(weight, groups)]).sum(dim=1)
+
+
+def build_layer(layer: nn.Module, result, scheme: LayerScheme, stats, name: str) -> QModule:
+    """The quantized replacement of ``layer`` from an algorithm's result."""
+    new = to_quantized(layer, result.qweight, scheme.activation, name)
+    if result.smooth is not None:
+        new.set_input_smooth(result.smooth)
+    if result.outlier_index is not None:
+        new.set_outliers(result.outlier_index, result.outlier_weight)
+    bias = result.bias
+    if scheme.bias_correction:
+        groups = getattr(layer, "groups", 1)
+        effective = result.qweight.dequantize(torch.float32)
+        if result.smooth is not None:
+            from .algorithms.smoothquant import scale_input_channels
+
+            effective = scale_input_channels(effective, 1.0 / result.smooth, groups)
+        shift = bias_shift(layer.weight.detach(), effective, stats.channel_mean, groups)
+        base = layer.bias.detach().float() if layer.bias is not None else torch.zeros(shift.shape)
+        bias = base + shift
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone().to(layer.weight.dtype), requires_grad=False)
+    if scheme.activation.mode == "static":
+        lo, hi = stats.input_range(scheme.activation, result.smooth)
+        qp = qparams_from_range(scheme.activation.format, lo, hi)
+        new.set_input_qparams(qp.scale, qp.zero_point)
+    new.train(layer.training)
+    return new
+
+
+class _Quantizer:
+    """Quantizes named layers of one model and records what it did."""
+
+    def __init__(self, module: nn.Module, plan: dict[str, LayerScheme], record: QuantizationRecord) -> None:
+        self.module, self.plan, self.record = module, plan, record
+        self.algorithms = {name: get_algorithm(s.algorithm, name) for name, s in plan.items()}
+
+    def layer(self, name: str, stats, root: nn.Module | None = None, prefix: str = "", **extra) -> None:
+        root = root or self.module
+        scheme = self.plan[name]
+        start = time.perf_counter()
+        layer = root.get_submodule(name[len(prefix) :])
+        with torch.no_grad():
+            result = as_result(
+                self.algorithms[name].fn(
+                    layer.weight.detach(),
+                    scheme.weight,
+                    stats,
+                    name=name,
+                    activation=scheme.activation,
+                    groups=getattr(layer, "groups", 1),
+                    **scheme.options,
+                    **extra,
+                )
+            )
+        set_submodule(root, name[len(prefix) :], build_layer(layer, result, scheme, stats, name))
+        self.record.schemes[name] = scheme
+        self.record.seconds[name] = time.perf_counter() - start
+
+    def block(self, block: nn.Module, prefix: str, stats: dict, inputs: dict, norm_outputs: dict, calls) -> None:
+        """Quantize one block's layers; AWQ layers reading the same input share their scales,
+        which are then folded into the producing norm where that leaves the block unchanged."""
+        names = [n for n in self.plan if n.startswith(prefix)]
+        groups: dict[int, list[str]] = {}
+        for name in names:
+            if self.plan[name].algorithm == "awq" and name in inputs:
+                groups.setdefault(id(inputs[name]), []).append(name)
+        shared: dict[str, torch.Tensor] = {}
+        for members in groups.values():
+            specs = {self.plan[m].weight for m in members}
+            if len(members) > 1 and len(specs) == 1:
+                weights = [block.get_submodule(m[len(prefix) :]).weight.detach().float() for m in members]
+                grid = self.plan[members[0]].options.get("grid", 20)
+                scale = search_scales(weights, stats[members[0]].samples, specs.pop(), grid)
+                shared.update({m: scale for m in members})
+        for name in names:
+            extra = {"shared_scale": shared[name]} if name in shared else {}
+            self.layer(name, stats.get(name), block, prefix, **extra)
+        for members in groups.values():
+            producer = next((n for n, out in norm_outputs.items() if out is inputs[members[0]]), None)
+            if producer is not None and len(members) > 1 and all(m in shared for m in members):
+                if fold_into_norm(block, prefix, producer, members, calls[0]):
+                    self.record.folded[producer] = members
 
 
 def quantize(
@@ -36,13 +147,14 @@ def quantize(
     recipe: str | Path | Recipe,
     calib: Iterable[Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    sequential: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` in place per ``recipe`` (preset name, file, or Recipe) and return it.
 
-    ``calib`` is an iterable of batches (dicts of tensors, tuples or tensors) needed when a
-    scheme uses static activations or a data-driven algorithm."""
-    import time
-
+    ``calib`` is an iterable of batches (dicts of tensors, tuples or tensors), needed when a
+    scheme uses static activations or a data-driven algorithm; a ``Loaded`` model gets its
+    default calibration data when none is given. ``sequential=False`` collects all statistics
+    in one pass over the float model instead of block by block."""
     module = model.model if isinstance(model, Loaded) else model
     recipe = resolve_recipe(recipe)
     already = [name for name, m in module.named_modules() if isinstance(m, QModule)]
@@ -55,56 +167,40 @@ def quantize(
         if scheme.weight is None:
             raise SpecError(f"{name}: the scheme has no weight spec; use fp16/bf16 to keep weights in float")
         check_finite(module.get_submodule(name).weight, f"{name}.weight")
-    algorithms = {name: get_algorithm(scheme.algorithm, name) for name, scheme in plan.items()}
-    needs = {
-        name: set(algorithms[name].stats) | ({"range", "channels"} if scheme.activation.mode == "static" else set())
-        for name, scheme in plan.items()
-    }
-    stats = {}
-    if any(needs.values()):
-        if calib is None and isinstance(model, Loaded):
-            from .calibration import calibration_data
-
-            calib = calibration_data(model)  # the default data for this kind of model
-        if calib is None:
-            raise DataError(
-                f"recipe {recipe.name!r} needs calibration data (static activations or a data-driven "
-                "algorithm); pass calib= (CLI: --calib PATH)"
-            )
-        stats = collect_statistics(module, plan, list(calib), needs)
     record = QuantizationRecord(recipe)
     if isinstance(model, Loaded):
         record.source = {"model": model.source, "sha256": model.sha256}
         record.kind, record.architecture = model.kind, dict(model.meta)
-    for index, (name, scheme) in enumerate(plan.items()):
-        if progress is not None:
-            progress(name, index, len(plan))
-        start = time.perf_counter()
-        layer = module.get_submodule(name)
-        with torch.no_grad():
-            result = as_result(
-                algorithms[name].fn(
-                    layer.weight.detach(),
-                    scheme.weight,
-                    stats.get(name),
-                    name=name,
-                    activation=scheme.activation,
-                    groups=getattr(layer, "groups", 1),
-                    **scheme.options,
-                )
-            )
-        new = to_quantized(layer, result.qweight, scheme.activation, name)
-        if result.smooth is not None:
-            new.set_input_smooth(result.smooth)
-        if result.bias is not None:
-            new.bias = nn.Parameter(result.bias.detach().clone(), requires_grad=False)
-        if scheme.activation.mode == "static":
-            lo, hi = stats[name].input_range(scheme.activation, result.smooth)
-            qp = qparams_from_range(scheme.activation.format, lo, hi)
-            new.set_input_qparams(qp.scale, qp.zero_point)
-        new.train(layer.training)
-        set_submodule(module, name, new)
-        record.schemes[name] = scheme
-        record.seconds[name] = time.perf_counter() - start
+    quantizer = _Quantizer(module, plan, record)
+    needs = {name: stats_needed(quantizer.algorithms[name], scheme) for name, scheme in plan.items()}
+    if not any(needs.values()):
+        for index, name in enumerate(plan):
+            if progress is not None:
+                progress(name, index, len(plan))
+            quantizer.layer(name, None)
+        module.lowbit = record
+        return module
+    if calib is None and isinstance(model, Loaded):
+        from .calibration import calibration_data
+
+        calib = calibration_data(model)  # the default data for this kind of model
+    if calib is None:
+        raise DataError(
+            f"recipe {recipe.name!r} needs calibration data (static activations or a data-driven "
+            "algorithm); pass calib= (CLI: --calib PATH)"
+        )
+    batches = list(calib)
+    if not batches:
+        raise DataError("calibration data is empty; give at least one batch")
+    blocks = find_blocks(module) if sequential else None
+    inside = {n for n in plan if blocks is not None and n.startswith(blocks[0] + ".")}
+    if inside and any(needs[n] for n in inside):
+        run_sequential(module, blocks, plan, {n: needs[n] for n in inside}, batches, quantizer.block, progress)
+    else:
+        inside = set()
+    rest = [n for n in plan if n not in inside]
+    stats = collect_statistics(module, plan, batches, {n: needs[n] for n in rest}) if rest else {}
+    for name in rest:
+        quantizer.layer(name, stats.get(name))
     module.lowbit = record
     return module

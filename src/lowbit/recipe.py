@@ -100,6 +100,7 @@ class LayerScheme:
     algorithm: str = "rtn"
     options: dict[str, Any] = field(default_factory=dict)
     skip: bool = False
+    bias_correction: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         if self.skip:
@@ -111,6 +112,8 @@ class LayerScheme:
         }
         if self.options:
             out["options"] = dict(self.options)
+        if self.bias_correction:
+            out["bias_correction"] = True
         return out
 
     @classmethod
@@ -129,6 +132,10 @@ class LayerScheme:
             kwargs["algorithm"] = data["algorithm"]
         if "options" in data:
             kwargs["options"] = dict(_strict(data["options"], set(data["options"]), f"{where}.options"))
+        if "bias_correction" in data:
+            if not isinstance(data["bias_correction"], bool):
+                raise SpecError(f"{where}.bias_correction must be true or false")
+            kwargs["bias_correction"] = data["bias_correction"]
         scheme = cls(**kwargs)
         scheme.validate(where)
         return scheme
@@ -148,10 +155,12 @@ class LayerScheme:
     def needs_calibration(self) -> bool:
         from .algorithms import algorithm_needs_data
 
-        return self.activation.mode == "static" or (not self.skip and algorithm_needs_data(self.algorithm))
+        if self.skip:
+            return False
+        return self.activation.mode == "static" or self.bias_correction or algorithm_needs_data(self.algorithm)
 
 
-_RULE_KEYS = {"match", "types", "skip", "weight", "activation", "algorithm", "options"}
+_RULE_KEYS = {"match", "types", "skip", "weight", "activation", "algorithm", "options", "bias_correction"}
 
 
 @dataclass(frozen=True)

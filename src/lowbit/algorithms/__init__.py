@@ -35,12 +35,14 @@ class Algorithm:
 @dataclass
 class LayerResult:
     """An algorithm's output for one layer: the quantized weight, plus an optional per-input-
-    channel divisor ``smooth`` (x / smooth enters the layer; SmoothQuant, AWQ) and an optional
-    replacement ``bias`` (bias correction)."""
+    channel divisor ``smooth`` (x / smooth enters the layer; SmoothQuant, AWQ), an optional
+    replacement ``bias`` (bias correction) and float outlier channels (outlier split)."""
 
     qweight: QTensor
     smooth: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    outlier_index: torch.Tensor | None = None  # input channels kept in float ...
+    outlier_weight: torch.Tensor | None = None  # ... and their weight columns [out, n]
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -57,7 +59,7 @@ def register_algorithm(name: str, options: set[str], stats: set[str], descriptio
 
 
 def _load_builtin() -> None:
-    from . import rtn, smoothquant  # noqa: F401
+    from . import awq, gptq, hqq, outliers, rtn, smoothquant  # noqa: F401
 
 
 def get_algorithm(name: str, where: str = "algorithm") -> Algorithm:

@@ -35,14 +35,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _architecture(module: nn.Module, record: QuantizationRecord) -> dict[str, Any]:
-    arch = record.architecture
+def _architecture(module: nn.Module, arch: dict[str, Any]) -> dict[str, Any]:
     if arch.get("type") in ("hf", "builtin"):
         return {k: v for k, v in arch.items() if k in ("type", "auto_class", "builtin", "kind")}
     if hasattr(module, "config") and hasattr(module, "save_pretrained"):
         from ..models import _AUTO_CLASS, _kind_of
 
-        kind = _kind_of(module.config)
+        kind = _kind_of(module.config, module)
         return {"type": "hf", "auto_class": _AUTO_CLASS[kind], "kind": kind}
     return {"type": "module", "class": f"{type(module).__module__}.{type(module).__qualname__}"}
 
@@ -84,8 +83,10 @@ def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None
             "weight": layer.qweight.meta(),
             "static_input": layer.input_scale is not None,
             "input_smooth": layer.input_smooth is not None,
+            "outliers": layer.outlier_index is not None,
+            "bias": layer.bias is not None,
         }
-    arch = _architecture(module, record)
+    arch = _architecture(module, loaded.meta if loaded is not None and loaded.meta else record.architecture)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -182,6 +183,21 @@ def load(directory: str | Path, module: nn.Module | None = None) -> Loaded:
             ):
                 raise CheckpointError(f"{name}: input_smooth is missing or invalid")
             qlayer.set_input_smooth(smooth)
+        if entry.get("outliers"):
+            index, weight = tensors.get(f"{name}.outlier_index"), tensors.get(f"{name}.outlier_weight")
+            in_features = qlayer.qweight.shape[1]
+            if (
+                index is None
+                or weight is None
+                or index.dim() != 1
+                or weight.shape != (qlayer.qweight.shape[0], index.numel())
+            ):
+                raise CheckpointError(f"{name}: outlier channels are missing or inconsistent")
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_features):
+                raise CheckpointError(f"{name}: outlier channel index out of range")
+            qlayer.set_outliers(index, weight)
+        if entry.get("bias") and qlayer.bias is None:  # bias correction gave a bias-free layer one
+            qlayer.bias = torch.nn.Parameter(torch.zeros(qlayer.qweight.shape[0]), requires_grad=False)
         set_submodule(model, name, qlayer)
         record.schemes[name] = scheme
     for alias, owner in manifest.get("tied", {}).items():

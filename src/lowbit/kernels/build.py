@@ -21,10 +21,29 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-mfma",
-             "-mavx2", "-mf16c", "-mbmi2"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "fma", "f16c",
-                      "bmi2")
+ISA_FLAGS = [
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512vnni",
+    "-mavx512bf16",
+    "-mfma",
+    "-mavx2",
+    "-mf16c",
+    "-mbmi2",
+]
+REQUIRED_CPU_FLAGS = (
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vnni",
+    "avx512_bf16",
+    "fma",
+    "f16c",
+    "bmi2",
+)
 
 
 def cpu_flags() -> set[str]:
@@ -52,10 +71,22 @@ def _command(sources: list[Path], output: Path) -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     libs = cpp_extension.library_paths()
     return [
-        _compiler() or "g++", "-O3", "-std=c++20", "-shared", "-fPIC", "-w", *ISA_FLAGS,
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *map(str, sources), "-o", str(output),
-        *[f"-I{p}" for p in cpp_extension.include_paths()], *[f"-L{p}" for p in libs],
-        "-lc10", "-ltorch_cpu", *[f"-Wl,-rpath,{p}" for p in libs],
+        _compiler() or "g++",
+        "-O3",
+        "-std=c++20",
+        "-shared",
+        "-fPIC",
+        "-w",
+        *ISA_FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *map(str, sources),
+        "-o",
+        str(output),
+        *[f"-I{p}" for p in cpp_extension.include_paths()],
+        *[f"-L{p}" for p in libs],
+        "-lc10",
+        "-ltorch_cpu",
+        *[f"-Wl,-rpath,{p}" for p in libs],
     ]
 
 

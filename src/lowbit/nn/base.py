@@ -38,6 +38,8 @@ class QModule(nn.Module):
         self.register_buffer("input_scale", None)
         self.register_buffer("input_zero_point", None)
         self.register_buffer("input_smooth", None)
+        self.register_buffer("outlier_index", None)
+        self.register_buffer("outlier_weight", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.layout = layout_of(qweight)
         self._kernel_cache: dict = {}
@@ -68,6 +70,11 @@ class QModule(nn.Module):
     def set_input_smooth(self, smooth: torch.Tensor) -> None:
         """Per-input-channel divisor applied before activations are quantized (SmoothQuant, AWQ)."""
         self.input_smooth = smooth.detach().float().clone()
+
+    def set_outliers(self, index: torch.Tensor, weight: torch.Tensor) -> None:
+        """Input channels ``index`` bypass quantization, multiplied by the float ``weight`` [out, n]."""
+        self.outlier_index = index.detach().to(torch.int64).clone()
+        self.outlier_weight = weight.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels

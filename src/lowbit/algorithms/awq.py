@@ -1,0 +1,127 @@
+"""AWQ (Lin et al. 2023): activation-aware per-input-channel scales for weight quantization.
+
+Salient input channels (large mean |x|) are scaled up in the weight before rounding, and the
+input is divided by the same factor: x W^T = (x / s)(W s)^T. The exponent of s = mean|x|^a is
+grid-searched for the least output error on sampled calibration inputs (jointly over layers
+that read the same input), then a per-group clipping ratio is searched the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DataError, SpecError
+from ..formats import Codebook, Float
+from ..granularity import PerGroup
+from ..primitives import choose_qparams, dequantize, qparams_from_range, quantize
+from ..ranges import MinMax
+from ..spec import QuantSpec
+from ..tensor import QTensor
+from . import LayerResult, register_algorithm
+
+
+def fake_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of a weight (the inner loop of the searches)."""
+    qp = choose_qparams(weight, spec.format, spec.granularity, spec.range)
+    return dequantize(
+        quantize(weight, spec.format, qp, spec.granularity), spec.format, qp, spec.granularity, weight.shape
+    )
+
+
+def search_scales(weights: list[torch.Tensor], samples: torch.Tensor, spec: QuantSpec, grid: int = 20) -> torch.Tensor:
+    """The per-input-channel factor s (shared by ``weights``, which all read ``samples``)."""
+    x = samples.float()
+    x_mean = x.abs().mean(dim=0)
+    refs = [x @ w.float().T for w in weights]
+    best, best_s = float("inf"), torch.ones_like(x_mean)
+    for step in range(grid):
+        alpha = step / grid
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, ref in zip(weights, refs):
+            w_hat = fake_weight(w.float() * s, spec) / s
+            err += float(((x @ w_hat.T - ref) ** 2).mean())
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+def search_clipping(
+    weight: torch.Tensor, samples: torch.Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5
+) -> torch.Tensor:
+    """Per (row, group) shrink ratio of the min-max range with the least output error."""
+    gran = spec.granularity
+    rows = weight.shape[0]
+    size = gran.size if isinstance(gran, PerGroup) else weight.shape[1]
+    lo, hi = gran.reduce(weight, lambda r: (r.amin(dim=1), r.amax(dim=1)))
+    best_err = torch.full(lo.shape, float("inf"))
+    best_ratio = torch.ones(lo.shape)
+    x = samples.float()
+    n_groups = -(-weight.shape[1] // size)
+    for step in range(grid + 1):
+        ratio = 1.0 - max_shrink * step / grid
+        qp = qparams_from_range(spec.format, lo * ratio, hi * ratio, spec.torch_scale_dtype)
+        w_hat = dequantize(quantize(weight, spec.format, qp, gran), spec.format, qp, gran, weight.shape)
+        diff = weight - w_hat
+        err = torch.empty(rows, n_groups)
+        for g in range(n_groups):
+            cols = slice(g * size, min((g + 1) * size, weight.shape[1]))
+            err[:, g] = ((x[:, cols] @ diff[:, cols].T) ** 2).sum(dim=0)
+        err = err.reshape(lo.shape)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+def awq_quantize(
+    weight: torch.Tensor,
+    samples: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor | None = None,
+    grid: int = 20,
+    clip: bool = True,
+    name: str = "weight",
+) -> LayerResult:
+    """Scale (searched unless given), clip-search, then round: returns the weight and x's divisor."""
+    if isinstance(spec.format, (Codebook, Float)):
+        raise SpecError(f"{name}: awq needs an Int or level-table format, not {spec.format.name}")
+    if weight.dim() != 2:
+        raise SpecError(f"{name}: awq handles Linear layers; keep convolutions on rtn or gptq")
+    w = weight.detach().float()
+    s = search_scales([w], samples, spec, grid) if scale is None else scale
+    scaled = w * s
+    if clip and isinstance(spec.range, MinMax):
+        ratio = search_clipping(scaled, samples / s, spec, grid)
+        lo, hi = spec.granularity.reduce(scaled, lambda r: (r.amin(dim=1), r.amax(dim=1)))
+        qp = qparams_from_range(spec.format, lo * ratio, hi * ratio, spec.torch_scale_dtype)
+        codes = quantize(scaled, spec.format, qp, spec.granularity)
+        qweight = QTensor.from_codes(codes, qp, spec, weight.shape, weight.dtype)
+    else:
+        qweight = QTensor.quantize(scaled, spec, name=name)
+    return LayerResult(qweight, smooth=s)
+
+
+@register_algorithm(
+    "awq",
+    options={"grid", "clip"},
+    stats={"samples"},
+    description="AWQ: activation-aware channel scales plus clipping search",
+)
+def awq(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    stats,
+    *,
+    name: str = "weight",
+    grid: int = 20,
+    clip: bool = True,
+    shared_scale: torch.Tensor | None = None,
+    **_,
+) -> LayerResult:
+    if stats is None or stats.samples is None:
+        raise DataError(f"{name}: awq needs calibration data (sampled layer inputs)")
+    if not (isinstance(grid, int) and grid >= 1):
+        raise SpecError(f"{name}: awq grid={grid!r} must be a positive integer")
+    return awq_quantize(weight, stats.samples, spec, shared_scale, grid, bool(clip), name)

@@ -1,0 +1,163 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight column by column, spreading each column's
+rounding error over the columns not yet quantized through the inverse Hessian of the layer's
+inputs (H = 2 X^T X / n). Lazy block updates, damping, act-order; any Int or level-table
+format of the core (the format is injected through ``primitives``).
+
+With act-order the columns are visited in order of decreasing Hessian diagonal, while the
+stored groups stay contiguous in the original column order: a group's scale and zero point
+are chosen when its first column is reached, from the group's current (error-updated) values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DataError, SpecError
+from ..formats import Binary, Codebook, Float, Ternary
+from ..granularity import PerChannel, PerGroup, PerTensor
+from ..primitives import QParams, choose_qparams, dequantize, quantize
+from ..spec import QuantSpec
+from ..tensor import QTensor
+from . import register_algorithm
+
+
+def _prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dead inputs (zero diagonal) get H=1 and W=0; add damp * mean(diag) to the diagonal."""
+    H = hessian.to(torch.float64).clone()
+    W = weight.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    return H, W
+
+
+def _inverse_cholesky(H: torch.Tensor, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (the GPTQ update matrix), with escalating damping if needed."""
+    for extra in (0.0, 1e-2, 1e-1, 1.0):
+        try:
+            Hd = H + extra * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+            L = torch.linalg.cholesky(Hd)
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise DataError(f"{name}: the Hessian is not positive definite even with damping; use more calibration data")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    name: str = "weight",
+) -> tuple[QTensor, float]:
+    """GPTQ on a [out, in] weight. Returns the QTensor and the Hessian-weighted error."""
+    fmt, gran = spec.format, spec.granularity
+    if isinstance(fmt, (Codebook, Float, Binary, Ternary)):
+        raise SpecError(f"{name}: gptq supports Int and level-table formats (nf, log2), not {fmt.name}")
+    if isinstance(gran, PerChannel) and gran.axis not in (0, -2):
+        raise SpecError(f"{name}: gptq quantizes columns; use per-channel axis 0, per-group or per-tensor")
+    if weight.dim() != 2:
+        weight = weight.reshape(weight.shape[0], -1)
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise DataError(f"{name}: Hessian is {tuple(hessian.shape)} but the weight has {cols} inputs")
+    H, W = _prepare_hessian(hessian, weight.detach(), damp)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H, name)
+
+    group = gran.size if isinstance(gran, PerGroup) else cols
+    n_groups = -(-cols // group)
+    col_params: list[QParams | None] = [None] * n_groups  # per original group: [rows] params
+    if not isinstance(gran, PerGroup):  # one set of parameters chosen from the whole (dead-zeroed) weight
+        whole = choose_qparams(W[:, torch.argsort(perm)].float(), fmt, gran, spec.range, spec.torch_scale_dtype)
+        shared = QParams(
+            whole.scale.reshape(-1).expand(rows) if isinstance(gran, PerTensor) else whole.scale,
+            None if whole.zero_point is None else whole.zero_point.reshape(-1).expand(rows),
+        )
+        col_params = [shared] * n_groups
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    rows_gran = PerChannel(0)
+    position = torch.argsort(perm)  # original column -> position in visiting order
+    loss = 0.0
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        Wb = W[:, start:end].clone()
+        Eb = torch.zeros_like(Wb)
+        for i in range(end - start):
+            j = int(perm[start + i])  # original column index
+            g = j // group
+            if col_params[g] is None:  # first visit of this group: choose its grid from current values
+                current = _group_values(W, Wb, Eb, U, position, g * group, min(cols, (g + 1) * group), start, i)
+                col_params[g] = choose_qparams(current.float(), fmt, rows_gran, spec.range, spec.torch_scale_dtype)
+            qp = col_params[g]
+            w = Wb[:, i].float().unsqueeze(1)
+            q = quantize(w, fmt, qp, rows_gran)
+            w_hat = dequantize(q, fmt, qp, rows_gran, w.shape).squeeze(1).to(torch.float64)
+            codes[:, j] = q.squeeze(1)
+            d = U[start + i, start + i]
+            err = (Wb[:, i] - w_hat) / d
+            loss += float(((Wb[:, i] - w_hat) ** 2).sum() / d**2) / 2
+            Wb[:, i:] -= err.unsqueeze(1) * U[start + i, start + i : end].unsqueeze(0)
+            Eb[:, i] = err
+        W[:, start:end] = Wb
+        W[:, end:] -= Eb @ U[start:end, end:]
+    return _assemble(codes, col_params, spec, weight, group), loss
+
+
+def _group_values(W, Wb, Eb, U, position, first: int, last: int, start: int, i: int) -> torch.Tensor:
+    """Current (error-updated) values of original columns first..last-1, none quantized yet:
+    columns in this block live in Wb; later ones still owe this block's lazy update."""
+    pos = position[first:last]
+    end = start + Wb.shape[1]
+    in_block, beyond = pos[pos < end], pos[pos >= end]
+    parts = [Wb[:, in_block - start]]
+    if beyond.numel():
+        parts.append(W[:, beyond] - Eb[:, :i] @ U[start : start + i, beyond])
+    return torch.cat(parts, dim=1)
+
+
+def _assemble(codes, col_params, spec: QuantSpec, weight: torch.Tensor, group: int) -> QTensor:
+    """Stack per-group parameters into the granularity's compact shape and pack the codes."""
+    gran = spec.granularity
+    first = col_params[0]
+    if isinstance(gran, PerGroup):
+        scale = torch.stack([p.scale for p in col_params], dim=1)
+        zero = None if first.zero_point is None else torch.stack([p.zero_point for p in col_params], dim=1)
+    elif isinstance(gran, PerTensor):
+        scale = first.scale[:1].clone()
+        zero = None if first.zero_point is None else first.zero_point[:1].clone()
+    else:
+        scale, zero = first.scale.clone(), None if first.zero_point is None else first.zero_point.clone()
+    return QTensor.from_codes(codes.reshape(weight.shape), QParams(scale, zero), spec, weight.shape, weight.dtype)
+
+
+@register_algorithm(
+    "gptq",
+    options={"damp", "block_size", "act_order"},
+    stats={"hessian"},
+    description="GPTQ: Hessian-aware column-by-column rounding (damping, lazy blocks, act-order)",
+)
+def gptq(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    stats,
+    *,
+    name: str = "weight",
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+    **_,
+) -> QTensor:
+    """The registered form: the Hessian comes from calibration statistics."""
+    if stats is None or stats.hessian_sum is None:
+        raise DataError(f"{name}: gptq needs calibration data (a Hessian of the layer inputs)")
+    if not (isinstance(damp, (int, float)) and 0 < damp < 1):
+        raise SpecError(f"{name}: gptq damp={damp!r} must lie in (0, 1)")
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise SpecError(f"{name}: gptq block_size={block_size!r} must be a positive integer")
+    qt, _ = gptq_quantize(weight.float(), stats.hessian.float(), spec, damp, block_size, bool(act_order), name)
+    return qt

@@ -1,0 +1,202 @@
+"""Block-by-block quantization (the GPTQ flow) for models built from repeated blocks.
+
+The blocks are found from the module tree (the longest ModuleList of same-class modules), so
+no per-model driver is needed. The inputs of block 0 are recorded once; then for each block:
+collect its layers' statistics from its inputs, quantize its layers, and run the quantized
+block to make the next block's inputs. Only one block's statistics exist at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import LayerStats, _Collector, forward_batch
+
+Call = tuple[tuple, dict]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(qualified name, ModuleList) of the model's repeated blocks, or None."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(c) for c in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def _detach(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+class _Recorder(nn.Module):
+    """Stands in for the block list during capture: records block 0's inputs, runs block 0."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.calls: list[Call] = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((_detach(args), _detach(kwargs)))
+        return self.block(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _no_cache(model: nn.Module) -> Iterator[None]:
+    """Calibration runs never use a KV cache (blocks run many times on the same inputs)."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if old is not None:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if old is not None:
+            config.use_cache = old
+
+
+def capture_inputs(model: nn.Module, blocks_name: str, batches: list[Any]) -> list[Call]:
+    """The (args, kwargs) block 0 receives for every calibration batch."""
+    parent_name, _, attr = blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    original = getattr(parent, attr)
+    recorder = _Recorder(original[0])
+    setattr(parent, attr, nn.ModuleList([recorder]))
+    try:
+        with _no_cache(model), torch.inference_mode():
+            for batch in batches:
+                forward_batch(model, batch)
+    finally:
+        setattr(parent, attr, original)
+    return recorder.calls
+
+
+def _hidden(call: Call) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(call: Call, hidden: torch.Tensor) -> Call:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def run_block(block: nn.Module, call: Call) -> torch.Tensor:
+    """The block's output hidden states for one recorded call."""
+    args, kwargs = call
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def block_statistics(
+    block: nn.Module, prefix: str, needs: dict[str, set[str]], plan: dict, calls: list[Call], seed: int = 0
+) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Statistics of the block's layers from its recorded inputs; plus, from the first call,
+    each layer's input tensor and each norm module's output tensor (kept alive, so layers
+    reading the very same tensor, and the norm that produced it, can be recognised)."""
+    collectors: dict[str, _Collector] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    norm_outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, kinds in needs.items():
+        if not kinds:
+            continue
+        module = block.get_submodule(name[len(prefix) :])
+        collector = _Collector(module, kinds, plan[name].activation, 1024, seed)
+        collectors[name] = collector
+
+        def first_input(module, args, name=name):
+            inputs.setdefault(name, args[0])
+
+        handles += [module.register_forward_pre_hook(collector), module.register_forward_pre_hook(first_input)]
+    for sub_name, module in block.named_modules():
+        if _is_norm(module):
+
+            def first_output(module, args, output, name=prefix + sub_name):
+                norm_outputs.setdefault(name, output)
+
+            handles.append(module.register_forward_hook(first_output))
+    try:
+        with torch.inference_mode():
+            for call in calls:
+                run_block(block, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: c.stats for name, c in collectors.items()}, inputs, norm_outputs
+
+
+def fold_into_norm(block: nn.Module, prefix: str, norm_name: str, layers: list[str], call: Call) -> bool:
+    """Move the layers' shared ``input_smooth`` into the norm that produces their input, if the
+    block's output is unchanged by it (checked on one call; a residual reading the same norm
+    output would change it, so post-norm blocks keep the divisor in the layers)."""
+    norm = block.get_submodule(norm_name[len(prefix) :])
+    mods = [block.get_submodule(n[len(prefix) :]) for n in layers]
+    smooth = mods[0].input_smooth
+    if getattr(norm, "weight", None) is None or any(m.input_smooth is None for m in mods):
+        return False
+    if any(not torch.equal(m.input_smooth, smooth) for m in mods) or norm.weight.shape != smooth.shape:
+        return False
+    with torch.inference_mode():
+        before = run_block(block, call)
+    saved_w = norm.weight.data.clone()
+    saved_b = None if getattr(norm, "bias", None) is None else norm.bias.data.clone()
+    norm.weight.data = norm.weight.data / smooth.to(norm.weight.dtype)
+    if saved_b is not None:
+        norm.bias.data = norm.bias.data / smooth.to(norm.bias.dtype)
+    for m in mods:
+        m.input_smooth = None
+    with torch.inference_mode():
+        after = run_block(block, call)
+    if torch.allclose(after, before, rtol=1e-3, atol=1e-4 * float(before.abs().max())):
+        return True
+    norm.weight.data = saved_w
+    if saved_b is not None:
+        norm.bias.data = saved_b
+    for m in mods:
+        m.input_smooth = smooth
+    return False
+
+
+def run_sequential(
+    model: nn.Module,
+    blocks: tuple[str, nn.ModuleList],
+    plan: dict,
+    needs: dict[str, set[str]],
+    batches: list[Any],
+    quantize_block: Callable[..., None],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> None:
+    """Quantize the layers inside ``blocks`` one block at a time (``quantize_block`` swaps them)."""
+    blocks_name, module_list = blocks
+    calls = capture_inputs(model, blocks_name, batches)
+    for index, block in enumerate(module_list):
+        prefix = f"{blocks_name}.{index}."
+        if progress is not None:
+            progress(f"block {index + 1}/{len(module_list)}", index, len(module_list))
+        block_needs = {name: kinds for name, kinds in needs.items() if name.startswith(prefix)}
+        if block_needs:
+            stats, inputs, norm_outputs = block_statistics(block, prefix, block_needs, plan, calls)
+            quantize_block(block, prefix, stats, inputs, norm_outputs, calls)
+        with torch.inference_mode():
+            calls = [_with_hidden(call, run_block(block, call)) for call in calls]

@@ -1,0 +1,119 @@
+"""GPTQ, HQQ, AWQ, outlier split and bias correction against round-to-nearest on small problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.algorithms.awq import awq_quantize
+from lowbit.algorithms.gptq import gptq_quantize
+from lowbit.algorithms.hqq import hqq_quantize
+from lowbit.algorithms.outliers import outlier_channels
+from lowbit.errors import SpecError
+from lowbit.formats import Int, NormalFloat, Ternary
+from lowbit.granularity import PerChannel, PerGroup, PerTensor
+from lowbit.spec import QuantSpec
+from lowbit.tensor import QTensor
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with strongly correlated channels and a few large ones, like real activations."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d // 4, generator=gen) @ torch.randn(d // 4, d, generator=gen)
+    x = base + 0.3 * torch.randn(n, d, generator=gen)
+    x[:, :3] *= 8
+    return x
+
+
+def output_error(x, w, qt):
+    return float(((x @ w.T - x @ qt.dequantize().T) ** 2).mean())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(Int(4), PerChannel()),
+        QuantSpec(Int(4, False), PerGroup(16)),
+        QuantSpec(NormalFloat(4), PerGroup(32)),
+        QuantSpec(Int(3), PerTensor()),
+    ],
+    ids=lambda s: s.name,
+)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_diagonal_hessian_is_round_to_nearest(spec, act_order):
+    """No correlation between inputs: nothing to compensate, so GPTQ must equal RTN exactly
+    (this also checks the act-order permutation and group bookkeeping)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 70, generator=gen)  # 70: a remainder group
+    hessian = torch.diag(torch.rand(70, generator=gen) + 0.5)
+    qt, _ = gptq_quantize(w, hessian, spec, damp=0.0, block_size=32, act_order=act_order)
+    assert torch.equal(qt.codes(), QTensor.quantize(w, spec).codes())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(Int(4, False), PerGroup(32)), QuantSpec(Int(3), PerChannel()), QuantSpec(NormalFloat(4), PerGroup(32))],
+    ids=lambda s: s.name,
+)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(spec, act_order):
+    x = correlated_inputs(2048, 96)
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
+    hessian = 2 * x.T @ x / x.shape[0]
+    qt, _ = gptq_quantize(w, hessian, spec, act_order=act_order, block_size=32)
+    rtn = output_error(x, w, QTensor.quantize(w, spec))
+    assert output_error(x, w, qt) < 0.7 * rtn
+
+
+def test_gptq_refuses_formats_it_cannot_handle():
+    with pytest.raises(SpecError, match="gptq"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(8), QuantSpec(Ternary(), PerChannel()))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(Int(2, False), PerGroup(64)),
+        QuantSpec(Int(3, False), PerGroup(64)),
+        QuantSpec(Int(4, False), PerChannel()),
+    ],
+    ids=lambda s: s.name,
+)
+def test_hqq_lowers_weight_error_and_keeps_fractional_zeros(spec):
+    gen = torch.Generator().manual_seed(0)
+    w = (
+        torch.distributions.StudentT(4.0).sample((64, 256))
+        if spec.format.bits < 4
+        else torch.randn(64, 256, generator=gen)
+    )
+    qt = hqq_quantize(w, spec)
+    rtn = QTensor.quantize(w, spec)
+    assert qt.zero_point.dtype == torch.float16
+    assert float((w - qt.dequantize()).abs().mean()) < float((w - rtn.dequantize()).abs().mean())
+    with pytest.raises(SpecError, match="asymmetric"):
+        hqq_quantize(w, QuantSpec(Int(4), PerGroup(64)))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(Int(4, False), PerGroup(32)),
+        QuantSpec(Int(3, False), PerGroup(32)),
+        QuantSpec(NormalFloat(4), PerGroup(32)),
+    ],
+    ids=lambda s: s.name,
+)
+def test_awq_is_never_worse_than_rtn_on_its_samples(spec):
+    x = correlated_inputs(512, 64, seed=3)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    result = awq_quantize(w, x, spec, grid=10)
+    w_eff = result.qweight.dequantize() / result.smooth  # (x / s) W_q^T == x (W_q / s)^T
+    err = float(((x @ w.T - x @ w_eff.T) ** 2).mean())
+    assert err <= output_error(x, w, QTensor.quantize(w, spec)) * 1.0001
+    assert torch.all(result.smooth > 0)
+
+
+def test_outlier_channels_are_limited_and_sorted():
+    absmax = torch.tensor([1.0, 9.0, 2.0, 30.0, 7.0, 0.5])
+    assert outlier_channels(absmax, 6.0, 1.0).tolist() == [1, 3, 4]
+    assert outlier_channels(absmax, 6.0, 0.34).tolist() == [1, 3]  # at most 2 of 6: the largest

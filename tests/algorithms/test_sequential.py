@@ -1,0 +1,156 @@
+"""The block-by-block runner on tiny Llama and BERT models built in the test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.nn import QLinear
+from lowbit.recipe import Recipe
+from lowbit.sequential import capture_inputs, find_blocks
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed=0):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    return BertModel(cfg).eval()
+
+
+def batches(vocab, n=6, length=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (2, length), generator=gen)} for _ in range(n)]
+
+
+def test_blocks_are_found_from_the_module_tree():
+    assert find_blocks(tiny_llama())[0] == "model.layers"
+    assert find_blocks(tiny_bert())[0] == "encoder.layer"
+    assert find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+
+
+def test_capture_records_block_zero_inputs_once_per_batch():
+    model = tiny_llama()
+    calib = batches(128)
+    calls = capture_inputs(model, "model.layers", calib)
+    assert len(calls) == len(calib)
+    hidden = calls[0][0][0] if calls[0][0] else calls[0][1]["hidden_states"]
+    assert hidden.shape == (2, 24, 64)
+    assert torch.allclose(hidden, model.model.embed_tokens(calib[0]["input_ids"]))
+    assert len(model.model.layers) == 3  # the block list is restored
+
+
+def _logit_error(model, ref, calib):
+    with torch.no_grad():
+        return sum(float((model(**b).logits - ref(**b).logits).pow(2).mean()) for b in calib)
+
+
+@pytest.mark.parametrize("recipe", ["w3-g128", "w4-g128"])
+def test_gptq_and_awq_beat_rtn_on_a_tiny_llama(recipe):
+    calib, held_out = batches(128, 4), batches(128, 3, seed=9)
+    ref = tiny_llama()
+    errors = {}
+    for algorithm in ("rtn", "gptq", "awq"):
+        model = tiny_llama()
+        spec = {"format": "int3-asym" if recipe == "w3-g128" else "int4-asym", "granularity": "group:32"}
+        options = {"grid": 8} if algorithm == "awq" else {}
+        rule = {"weight": spec, "algorithm": algorithm, "options": options}
+        lowbit.quantize(model, Recipe.from_dict({"rules": [rule]}), calib=calib)
+        errors[algorithm] = _logit_error(model, ref, held_out)
+    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"], errors
+
+
+def test_awq_scales_fold_into_rmsnorm_in_pre_norm_blocks_but_not_post_norm():
+    calib = batches(128, 4)
+    model = tiny_llama()
+    awq = Recipe.from_dict(
+        {
+            "rules": [
+                {
+                    "weight": {"format": "int4-asym", "granularity": "group:32"},
+                    "algorithm": "awq",
+                    "options": {"grid": 5},
+                }
+            ]
+        }
+    )
+    lowbit.quantize(model, awq, calib=calib)
+    folded = model.lowbit.folded
+    assert "model.layers.0.input_layernorm" in folded and "model.layers.0.post_attention_layernorm" in folded
+    assert set(folded["model.layers.0.input_layernorm"]) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.input_smooth is None and layer.self_attn.o_proj.input_smooth is not None
+
+    bert = tiny_bert()
+    lowbit.quantize(bert, awq, calib=batches(100, 4))
+    assert bert.lowbit.folded == {}  # post-LN: the LayerNorm output also feeds the residual
+    assert isinstance(bert.encoder.layer[0].attention.self.query, QLinear)
+    assert bert.encoder.layer[0].attention.self.query.input_smooth is not None
+
+
+def test_sequential_and_single_pass_both_run_and_save(tmp_path):
+    calib = batches(128, 4)
+    for sequential in (True, False):
+        model = tiny_llama()
+        lowbit.quantize(model, "w4-g128-gptq", calib=calib, sequential=sequential)
+        assert isinstance(model.model.layers[2].mlp.down_proj, QLinear)
+    loaded = lowbit.Loaded(
+        model, "causal-lm", "tiny", meta={"type": "hf", "kind": "causal-lm", "auto_class": "AutoModelForCausalLM"}
+    )
+    lowbit.save(loaded, tmp_path / "q")
+    back = lowbit.load(tmp_path / "q")
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(back.model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_outliers_and_bias_correction_through_quantize():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(256, 32)
+    x[:, 5] *= 50
+    ref = net(x)
+    recipe = Recipe.from_dict(
+        {
+            "include_head": True,
+            "rules": [
+                {
+                    "match": "0",
+                    "weight": "int8",
+                    "activation": "dynamic",
+                    "algorithm": "outliers",
+                    "options": {"threshold": 20.0},
+                },
+                {"match": "2", "weight": {"format": "int2-asym", "granularity": "channel"}, "bias_correction": True},
+            ],
+        }
+    )
+    lowbit.quantize(net, recipe, calib=[x])
+    assert net[0].outlier_index.tolist() == [5]
+    with torch.no_grad():
+        out, ref = net(x), ref.detach()
+    assert float((out - ref).mean(dim=0).abs().max()) < 0.05 * float(ref.abs().mean())  # mean shift removed
