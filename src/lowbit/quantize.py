@@ -137,9 +137,9 @@ class _Quantizer:
             self.layer(name, stats.get(name), block, prefix, **extra)
         for members in groups.values():
             producer = next((n for n, out in norm_outputs.items() if out is inputs[members[0]]), None)
-            if producer is not None and len(members) > 1 and all(m in shared for m in members):
-                if fold_into_norm(block, prefix, producer, members, calls[0]):
-                    self.record.folded[producer] = members
+            foldable = producer is not None and len(members) > 1 and all(m in shared for m in members)
+            if foldable and fold_into_norm(block, prefix, producer, members, calls[0]):
+                self.record.folded[producer] = members
 
 
 def quantize(

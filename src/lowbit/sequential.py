@@ -24,9 +24,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """(qualified name, ModuleList) of the model's repeated blocks, or None."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(c) for c in module}) == 1:
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
+        repeated = isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(c) for c in module}) == 1
+        if repeated and (best is None or len(module) > len(best[1])):
+            best = (name, module)
     return best
 
 
