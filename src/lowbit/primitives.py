@@ -313,7 +313,8 @@ class _LearnedScale(torch.autograd.Function):
         lo, hi = representable_range(fmt, qp, gran, x.shape)
         s, _ = _expanded(qp, fmt, gran, x.shape)
         ctx.save_for_backward(x, out, s, (x >= lo) & (x <= hi))
-        ctx.meta = (gran, grad_factor, zero is not None, scale.shape, None if zero is None else zero.shape)
+        learn_zero = zero is not None and zero.is_floating_point()  # an integer zero point stays fixed
+        ctx.meta = (gran, grad_factor, learn_zero, scale.shape, None if zero is None else zero.shape)
         return out
 
     @staticmethod
@@ -338,7 +339,8 @@ def fake_quantize_lsq(
     zero_point: torch.Tensor | None = None,
     grad_factor: float | None = None,
 ) -> torch.Tensor:
-    """Fake quantization with a learnable ``scale`` (LSQ) and optional learnable zero point."""
+    """Fake quantization with a learnable ``scale`` (LSQ) and an optional zero point: a float
+    tensor is learned (LSQ+), an integer tensor stays fixed."""
     gran = granularity or PerTensor()
     if isinstance(fmt, (Codebook, Float)):
         raise SpecError(f"learnable scales need an Int or level-table format, not {fmt.name}")

@@ -1,0 +1,100 @@
+"""SmolLM2-135M WikiText-2 test perplexity: float vs RTN / GPTQ / AWQ / HQQ at w4-g128, w3-g128,
+w2-g64, and W8A8 static/dynamic with and without SmoothQuant. Prints one JSON object.
+
+Calibration: 128 x 512 tokens of WikiText-2 valid (random windows, seed 0). Perplexity:
+the first --max-tokens tokens of WikiText-2 test, windows of 512, stride 512.
+
+    .venv/bin/python bench/llm_accuracy.py --max-tokens 32768 > results/llm_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import lowbit
+from lowbit import data
+from lowbit.evaluation.perplexity import perplexity
+from lowbit.recipe import Recipe
+
+WEIGHT_FORMATS = {
+    "w4-g128": {"format": "int4-asym", "granularity": "group:128"},
+    "w3-g128": {"format": "int3-asym", "granularity": "group:128"},
+    "w2-g64": {"format": "int2-asym", "granularity": "group:64"},
+}
+METHODS = ("rtn", "gptq", "awq", "hqq")
+W8A8 = {
+    "w8a8-dynamic": ("rtn", {"mode": "dynamic", "format": "int8"}),
+    "w8a8-dynamic+smoothquant": ("smoothquant", {"mode": "dynamic", "format": "int8"}),
+    "w8a8-static": ("rtn", {"mode": "static", "format": "int8-asym"}),
+    "w8a8-static+smoothquant": ("smoothquant", {"mode": "static", "format": "int8-asym"}),
+}
+
+
+def recipe(name: str, weight: dict, algorithm: str, activation: dict | None = None) -> Recipe:
+    rule = {"types": ["Linear"], "weight": {**weight, "scale_dtype": "float16"}, "algorithm": algorithm}
+    if activation is not None:
+        rule["activation"] = activation
+    if algorithm == "smoothquant":
+        rule["options"] = {"alpha": "auto"}
+    return Recipe.from_dict({"name": name, "rules": [rule]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-tokens", type=int, default=32768)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--formats", nargs="*", default=list(WEIGHT_FORMATS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--w8a8", nargs="*", default=list(W8A8))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    base = lowbit.load_model("builtin:smollm2-135m")
+    tok = base.tokenizer
+    calib = [{"input_ids": w} for w in data.lm_calibration(tok, samples=args.calib_samples, seq_len=args.seq_len)]
+
+    def evaluate(model) -> dict:
+        return perplexity(model, tok, max_tokens=args.max_tokens, seq_len=args.seq_len)
+
+    rows = []
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    result = evaluate(base.model)
+    rows.append({"scheme": "float32", "method": "-", "perplexity": result["perplexity"], "quantize_seconds": 0.0})
+    log(f"float32 {result['perplexity']:.3f}")
+    jobs = [(f, m, recipe(f"{f}-{m}", WEIGHT_FORMATS[f], m)) for f in args.formats for m in args.methods]
+    jobs += [
+        (name, W8A8[name][0], recipe(name, {"format": "int8", "granularity": "channel"}, *W8A8[name]))
+        for name in args.w8a8
+    ]
+    for scheme, method, rec in jobs:
+        loaded = lowbit.load_model("builtin:smollm2-135m")
+        start = time.perf_counter()
+        lowbit.quantize(loaded, rec, calib=calib)
+        seconds = time.perf_counter() - start
+        result = evaluate(loaded.model)
+        rows.append(
+            {"scheme": scheme, "method": method, "perplexity": result["perplexity"], "quantize_seconds": seconds}
+        )
+        log(f"{scheme} {method} {result['perplexity']:.3f} ({seconds:.0f} s)")
+    out = {
+        "model": "builtin:smollm2-135m",
+        "eval": {"data": "wikitext-2 test", "tokens": result["tokens"], "seq_len": args.seq_len},
+        "calibration": {"data": "wikitext-2 valid", "samples": args.calib_samples, "seq_len": args.seq_len},
+        "rows": rows,
+        "torch_threads": torch.get_num_threads(),
+    }
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
