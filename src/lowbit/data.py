@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -291,6 +292,35 @@ def _folder(folder: Path) -> ImageSet:
         except OSError as exc:
             raise DataError(f"{file}: cannot be read as an image ({exc}); remove it or replace it") from exc
     return ImageSet(images, None, [f.name for f in files])
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx(path: Path) -> torch.Tensor:
+    """An IDX file (gzip or raw): the MNIST family's format, big-endian dims, uint8 data."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim :]
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08 or len(body) != math.prod(dims):
+        raise DataError(f"{path}: not a uint8 IDX file of the declared size; the file is corrupt")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims)
+
+
+def fashion_mnist(split: str = "train", root: Path | None = None) -> ImageSet:
+    """Fashion-MNIST (Debian's dataset-fashion-mnist): uint8 images [N, 1, 28, 28] + labels."""
+    root = Path(os.environ.get("LOWBIT_FASHION_MNIST", root or FASHION_MNIST))
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DataError(f"fashion-mnist split {split!r} is unknown; use train or test")
+    files = [root / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
+    if not all(f.is_file() for f in files):
+        raise DataError(f"Fashion-MNIST not found in {root}; install it: apt-get install -y dataset-fashion-mnist")
+    images, labels = _idx(files[0]).unsqueeze(1), _idx(files[1]).long()
+    return ImageSet(images, labels, [f"{split}-{i}" for i in range(len(labels))])
 
 
 def images(name: str | Path) -> ImageSet:
