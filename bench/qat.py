@@ -46,19 +46,32 @@ def small_cnn() -> nn.Sequential:
         return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
     return nn.Sequential(
-        *block(1, 32), *block(32, 32), nn.MaxPool2d(2),
-        *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+        *block(1, 32),
+        *block(32, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        *block(64, 64),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
 def cnn_recipe(weight: dict) -> Recipe:
     eight = {"format": "int8", "granularity": "channel"}
-    return Recipe.from_dict({"name": "cnn", "include_head": True, "rules": [
-        {"match": "0", "weight": eight, "activation": STATIC},      # first conv
-        {"match": "17", "weight": eight, "activation": STATIC},     # last Linear
-        {"weight": weight, "activation": STATIC},
-    ]})
+    return Recipe.from_dict(
+        {
+            "name": "cnn",
+            "include_head": True,
+            "rules": [
+                {"match": "0", "weight": eight, "activation": STATIC},  # first conv
+                {"match": "17", "weight": eight, "activation": STATIC},  # last Linear
+                {"weight": weight, "activation": STATIC},
+            ],
+        }
+    )
 
 
 class Batches:
@@ -103,8 +116,14 @@ def fashion(args) -> dict:
         fit(qat, train.batches, targets=train.target, epochs=args.qat_epochs, lr=args.qat_lr, seed=1)
         convert(qat)
         qat_acc = accuracy(qat, test)
-        rows.append({"scheme": name, "ptq_accuracy": ptq_acc, "qat_accuracy": qat_acc,
-                     "qat_seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "scheme": name,
+                "ptq_accuracy": ptq_acc,
+                "qat_accuracy": qat_acc,
+                "qat_seconds": time.perf_counter() - start,
+            }
+        )
         log(f"{name}: PTQ {ptq_acc:.4f}  QAT {qat_acc:.4f}")
     repeat = []
     for _ in range(2):
@@ -112,15 +131,22 @@ def fashion(args) -> dict:
         prepare_qat(qat, cnn_recipe(SCHEMES["w4a8"]), warmup=50, example=train.batches[0])
         fit(qat, train.batches[:100], targets=train.target, epochs=1, lr=args.qat_lr, seed=7)
         repeat.append(accuracy(convert(qat), test))
-    return {"float_accuracy": float_acc, "train_epochs": args.epochs, "qat_epochs": args.qat_epochs,
-            "first_last_layers": "int8 weights, uint8 static activations", "rows": rows,
-            "reproducibility": {"accuracies": repeat, "identical": repeat[0] == repeat[1]}}
+    return {
+        "float_accuracy": float_acc,
+        "train_epochs": args.epochs,
+        "qat_epochs": args.qat_epochs,
+        "first_last_layers": "int8 weights, uint8 static activations",
+        "rows": rows,
+        "reproducibility": {"accuracies": repeat, "identical": repeat[0] == repeat[1]},
+    }
 
 
 def fidelity(model, tok, sentences, ref_emb, ref_nn) -> dict:
     emb = sentence_embeddings(model, tok, sentences)
-    return {"mean_cosine": float((emb * ref_emb).sum(dim=1).mean()),
-            "top1_agreement": float((nearest_neighbours(emb) == ref_nn).float().mean())}
+    return {
+        "mean_cosine": float((emb * ref_emb).sum(dim=1).mean()),
+        "top1_agreement": float((nearest_neighbours(emb) == ref_nn).float().mean()),
+    }
 
 
 def minilm(args) -> dict:
@@ -138,14 +164,24 @@ def minilm(args) -> dict:
     student = lowbit.load_model("builtin:minilm")
     prepare_qat(student, recipe)
     start = time.perf_counter()
-    losses = fit(student.model, batches, teacher=teacher.model, loss="mse", epochs=args.minilm_epochs,
-                 lr=args.minilm_lr, seed=0)
+    losses = fit(
+        student.model, batches, teacher=teacher.model, loss="mse", epochs=args.minilm_epochs, lr=args.minilm_lr, seed=0
+    )
     convert(student)
     qat_fid = fidelity(student.model, tok, held_out, ref_emb, ref_nn)
     log(f"minilm {recipe}: PTQ {ptq_fid}  QAT {qat_fid}")
-    return {"recipe": recipe, "train_sentences": len(train_text), "held_out_sentences": len(held_out),
-            "epochs": args.minilm_epochs, "steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1],
-            "ptq": ptq_fid, "qat": qat_fid, "qat_seconds": time.perf_counter() - start}
+    return {
+        "recipe": recipe,
+        "train_sentences": len(train_text),
+        "held_out_sentences": len(held_out),
+        "epochs": args.minilm_epochs,
+        "steps": len(losses),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "ptq": ptq_fid,
+        "qat": qat_fid,
+        "qat_seconds": time.perf_counter() - start,
+    }
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sparse
 from .algorithms import Algorithm, as_result, get_algorithm
 from .algorithms.awq import search_scales
 from .calibration import collect_statistics
@@ -87,22 +88,50 @@ def build_layer(layer: nn.Module, result, scheme: LayerScheme, stats, name: str)
     return new
 
 
+def global_magnitude_threshold(module: nn.Module, plan: dict[str, LayerScheme]) -> float | None:
+    """The |w| below which weights are pruned across all layers with global sparsity."""
+    chosen = [n for n, s in plan.items() if s.sparsity is not None and s.sparsity.scope == "global"]
+    if not chosen:
+        return None
+    ratios = {plan[n].sparsity.ratio for n in chosen}
+    if len(ratios) > 1:
+        raise SpecError(f"global sparsity needs one ratio for all its layers, got {sorted(ratios)}")
+    values = torch.cat([module.get_submodule(n).weight.detach().abs().reshape(-1) for n in chosen])
+    k = round(ratios.pop() * values.numel())
+    return float(values.kthvalue(k).values) if k else -1.0
+
+
 class _Quantizer:
     """Quantizes named layers of one model and records what it did."""
 
     def __init__(self, module: nn.Module, plan: dict[str, LayerScheme], record: QuantizationRecord) -> None:
         self.module, self.plan, self.record = module, plan, record
         self.algorithms = {name: get_algorithm(s.algorithm, name) for name, s in plan.items()}
+        self.global_threshold = global_magnitude_threshold(module, plan)
+
+    def keep_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        """The magnitude-pruning mask of a layer (SparseGPT chooses its own inside GPTQ)."""
+        sparsity = self.plan[name].sparsity
+        if sparsity is None or sparsity.method != "magnitude":
+            return None
+        if sparsity.pattern == "2:4":
+            return sparse.n_m_mask(weight, 2, 4)
+        if sparsity.scope == "global":
+            return weight.abs() > self.global_threshold
+        return sparse.magnitude_mask(weight, sparsity.ratio)
 
     def layer(self, name: str, stats, root: nn.Module | None = None, prefix: str = "", **extra) -> None:
         root = root or self.module
         scheme = self.plan[name]
         start = time.perf_counter()
         layer = root.get_submodule(name[len(prefix) :])
+        weight = layer.weight.detach()
+        if scheme.sparsity is not None:
+            extra = {**extra, "sparsity": scheme.sparsity, "keep": self.keep_mask(name, weight)}
         with torch.no_grad():
             result = as_result(
                 self.algorithms[name].fn(
-                    layer.weight.detach(),
+                    weight,
                     scheme.weight,
                     stats,
                     name=name,

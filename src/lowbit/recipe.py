@@ -90,6 +90,50 @@ class ActivationSpec:
         return cls(**kwargs)
 
 
+SPARSITY_PATTERNS = ("unstructured", "2:4")
+SPARSITY_METHODS = ("magnitude", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """Pruning combined with quantization: ``pattern`` unstructured (``ratio`` of the weights
+    removed) or 2:4 (two of every four inputs kept); ``method`` magnitude or sparsegpt (Hessian-
+    aware, needs calibration data); magnitude ``scope`` per layer or global over the recipe."""
+
+    pattern: str = "2:4"
+    ratio: float = 0.5
+    method: str = "magnitude"
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.pattern not in SPARSITY_PATTERNS:
+            raise SpecError(f"sparsity pattern {self.pattern!r} is unknown; allowed: {list(SPARSITY_PATTERNS)}")
+        if self.method not in SPARSITY_METHODS:
+            raise SpecError(f"sparsity method {self.method!r} is unknown; allowed: {list(SPARSITY_METHODS)}")
+        if self.scope not in ("layer", "global"):
+            raise SpecError(f"sparsity scope {self.scope!r} is unknown; allowed: layer, global")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1:
+            raise SpecError(f"sparsity ratio {self.ratio!r} must lie in (0, 1)")
+        if self.pattern == "2:4" and self.ratio != 0.5:
+            raise SpecError("2:4 sparsity removes exactly half the weights; leave ratio at 0.5")
+        if self.scope == "global" and (self.pattern != "unstructured" or self.method != "magnitude"):
+            raise SpecError("global sparsity is for unstructured magnitude pruning")
+
+    @property
+    def storage(self) -> str:
+        return "2:4" if self.pattern == "2:4" else "bitmask"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "ratio": self.ratio, "method": self.method, "scope": self.scope}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "sparsity") -> SparsitySpec:
+        if isinstance(data, str):
+            data = {"pattern": data}
+        data = _strict(data, {"pattern", "ratio", "method", "scope"}, where)
+        return cls(**data)
+
+
 @dataclass(frozen=True)
 class LayerScheme:
     """What happens to one layer: weight spec (None keeps the weight float), activation spec,
@@ -101,6 +145,7 @@ class LayerScheme:
     options: dict[str, Any] = field(default_factory=dict)
     skip: bool = False
     bias_correction: bool = False
+    sparsity: SparsitySpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         if self.skip:
@@ -114,6 +159,8 @@ class LayerScheme:
             out["options"] = dict(self.options)
         if self.bias_correction:
             out["bias_correction"] = True
+        if self.sparsity is not None:
+            out["sparsity"] = self.sparsity.to_dict()
         return out
 
     @classmethod
@@ -136,6 +183,8 @@ class LayerScheme:
             if not isinstance(data["bias_correction"], bool):
                 raise SpecError(f"{where}.bias_correction must be true or false")
             kwargs["bias_correction"] = data["bias_correction"]
+        if data.get("sparsity") is not None:
+            kwargs["sparsity"] = SparsitySpec.from_dict(data["sparsity"], f"{where}.sparsity")
         scheme = cls(**kwargs)
         scheme.validate(where)
         return scheme
@@ -150,6 +199,12 @@ class LayerScheme:
         _strict(self.options, allowed, f"{where}.options")
         if self.weight is None and self.activation.mode == "none":
             raise SpecError(f"{where}: a scheme needs a weight spec or an activation spec (or skip: true)")
+        if self.sparsity is not None:
+            wanted = "gptq" if self.sparsity.method == "sparsegpt" else ("rtn", "gptq")
+            if self.algorithm not in wanted:
+                raise SpecError(
+                    f"{where}: {self.sparsity.method} sparsity works with algorithm {wanted}, not {self.algorithm!r}"
+                )
 
     @property
     def needs_calibration(self) -> bool:
@@ -160,7 +215,7 @@ class LayerScheme:
         return self.activation.mode == "static" or self.bias_correction or algorithm_needs_data(self.algorithm)
 
 
-_RULE_KEYS = {"match", "types", "skip", "weight", "activation", "algorithm", "options", "bias_correction"}
+_RULE_KEYS = {"match", "types", "skip", "weight", "activation", "algorithm", "options", "bias_correction", "sparsity"}
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from . import packing
-from .errors import CheckpointError, LowbitError
+from . import packing, sparse
+from .errors import CheckpointError, LowbitError, SpecError
 from .formats import Binary, Codebook, Float, Format, Int, format_from_dict, format_to_dict
 from .granularity import Granularity, PerGroup, granularity_from_dict, granularity_to_dict
 from .primitives import QParams, choose_qparams, dequantize, quantize
@@ -65,10 +65,13 @@ class QTensor:
         scale: torch.Tensor | None = None,
         zero_point: torch.Tensor | None = None,
         codebook: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        sparsity: str | None = None,
     ) -> None:
         self.data, self.fmt, self.granularity = data, fmt, granularity
         self.shape, self.dtype = torch.Size(shape), dtype
         self.scale, self.zero_point, self.codebook = scale, zero_point, codebook
+        self.mask, self.sparsity = mask, sparsity  # pruned weights: packed keep-mask, only kept codes stored
 
     @classmethod
     def quantize(cls, x: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> QTensor:
@@ -78,13 +81,31 @@ class QTensor:
 
     @classmethod
     def from_codes(
-        cls, codes: torch.Tensor, qp: QParams, spec: QuantSpec, shape: torch.Size, dtype: torch.dtype
+        cls,
+        codes: torch.Tensor,
+        qp: QParams,
+        spec: QuantSpec,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        keep: torch.Tensor | None = None,
+        sparsity: str | None = None,
     ) -> QTensor:
-        """Pack unpacked codes (as returned by ``primitives.quantize``) into a QTensor."""
+        """Pack unpacked codes (as returned by ``primitives.quantize``) into a QTensor; with a
+        boolean ``keep`` mask (and its ``sparsity`` layout) only the kept codes are stored."""
         fmt = spec.format
         plain = isinstance(fmt, Float) and not fmt.scaled
+        mask = None
+        if keep is not None:
+            if plain or isinstance(fmt, Codebook):
+                raise SpecError(f"sparse storage needs an integer-coded format, not {fmt.name}")
+            mask = sparse.encode(keep, sparsity)
+            codes = codes.reshape(-1)[keep.reshape(-1)]
         data = codes.contiguous() if plain else packing.pack(codes.reshape(-1), fmt.bits)
-        return cls(data, fmt, spec.granularity, shape, dtype, qp.scale, qp.zero_point, qp.codebook)
+        return cls(data, fmt, spec.granularity, shape, dtype, qp.scale, qp.zero_point, qp.codebook, mask, sparsity)
+
+    def keep_mask(self) -> torch.Tensor | None:
+        """Boolean [shape] mask of kept (non-pruned) weights, or None for a dense tensor."""
+        return None if self.mask is None else sparse.decode(self.mask, self.sparsity, self.shape)
 
     # -- views -------------------------------------------------------------------------
     def qparams(self) -> QParams:
@@ -94,17 +115,23 @@ class QTensor:
         """Unpacked codes (uint8; fp16/bf16 formats return the stored tensor)."""
         if isinstance(self.fmt, Float) and not self.fmt.scaled:
             return self.data
+        if self.mask is not None:  # pruned positions read as code 0: their value is zero anyway
+            keep = self.keep_mask().reshape(-1)
+            dense = torch.zeros(self.shape.numel(), dtype=torch.uint8)
+            dense[keep] = packing.unpack(self.data, self.fmt.bits, int(keep.sum()))
+            return dense.view(self.shape)
         codes = packing.unpack(self.data, self.fmt.bits, _codes_numel(self.fmt, self.shape))
         return codes if isinstance(self.fmt, Codebook) else codes.view(self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The values the codes stand for, in ``dtype`` (default: the original dtype)."""
-        return dequantize(self.codes(), self.fmt, self.qparams(), self.granularity, self.shape, dtype or self.dtype)
+        out = dequantize(self.codes(), self.fmt, self.qparams(), self.granularity, self.shape, dtype or self.dtype)
+        return out if self.mask is None else out * self.keep_mask()
 
     @property
     def nbytes(self) -> int:
-        """True storage: codes + scales + zero points + codebooks."""
-        parts = (self.data, self.scale, self.zero_point, self.codebook)
+        """True storage: codes + scales + zero points + codebooks + sparsity mask."""
+        parts = (self.data, self.scale, self.zero_point, self.codebook, self.mask)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
     @property
@@ -142,17 +169,20 @@ class QTensor:
     # -- serialization -------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
         """JSON-able description stored next to the tensors (lowbit.json / safetensors metadata)."""
-        return {
+        meta = {
             "format": format_to_dict(self.fmt),
             "granularity": granularity_to_dict(self.granularity),
             "shape": list(self.shape),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+        if self.sparsity is not None:
+            meta["sparsity"] = self.sparsity
+        return meta
 
     def to_dict(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors for safetensors under ``prefix`` + (qdata, scale, zero_point, codebook), and meta."""
         tensors = {f"{prefix}qdata": self.data.contiguous()}
-        for key in ("scale", "zero_point", "codebook"):
+        for key in ("scale", "zero_point", "codebook", "mask"):
             value = getattr(self, key)
             if value is not None:
                 tensors[f"{prefix}{key}"] = value.contiguous()
@@ -167,10 +197,24 @@ class QTensor:
             gran = granularity_from_dict(meta["granularity"])
             shape = torch.Size([int(d) for d in meta["shape"]])
             dtype = _DTYPES[meta["dtype"]]
+            pattern = meta.get("sparsity")
+            if pattern is not None and pattern not in sparse.PATTERNS:
+                raise ValueError(f"sparsity {pattern!r}")
         except (KeyError, TypeError, ValueError, LowbitError) as exc:
             raise CheckpointError(f"{where}: quantization metadata is invalid ({exc}); re-save the checkpoint") from exc
         get = lambda key: tensors.get(f"{prefix}{key}")  # noqa: E731
-        qt = cls(get("qdata"), fmt, gran, shape, dtype, get("scale"), get("zero_point"), get("codebook"))
+        qt = cls(
+            get("qdata"),
+            fmt,
+            gran,
+            shape,
+            dtype,
+            get("scale"),
+            get("zero_point"),
+            get("codebook"),
+            get("mask"),
+            pattern,
+        )
         validate(qt, where)
         return qt
 
@@ -194,7 +238,22 @@ def validate(qt: QTensor, where: str = "tensor") -> None:
             f"expected {fmt.dtype} data of shape {tuple(shape)}, got {qt.data.dtype} {tuple(qt.data.shape)}",
         )
         return
-    need = packing.packed_size(_codes_numel(fmt, shape), fmt.bits)
+    n_codes = _codes_numel(fmt, shape)
+    if qt.sparsity is not None:
+        mask = qt.mask
+        _expect(
+            mask is not None
+            and mask.dtype == torch.uint8
+            and mask.dim() == 1
+            and mask.numel() == sparse.meta_size(qt.sparsity, shape),
+            where,
+            f"the {qt.sparsity} sparsity mask is missing or has the wrong size",
+        )
+        try:
+            n_codes = int(qt.keep_mask().sum())
+        except LowbitError as exc:
+            raise CheckpointError(f"{where}: sparsity mask is invalid ({exc})") from exc
+    need = packing.packed_size(n_codes, fmt.bits)
     _expect(
         qt.data.dtype == torch.uint8 and qt.data.dim() == 1 and qt.data.numel() == need,
         where,

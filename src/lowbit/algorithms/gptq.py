@@ -52,20 +52,32 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     name: str = "weight",
+    keep: torch.Tensor | None = None,
+    prune: tuple[str, float] | None = None,
 ) -> tuple[QTensor, float]:
-    """GPTQ on a [out, in] weight. Returns the QTensor and the Hessian-weighted error."""
+    """GPTQ on a [out, in] weight. Returns the QTensor and the Hessian-weighted error.
+
+    ``keep`` (a fixed boolean mask) or ``prune`` (("unstructured", ratio) or ("2:4", 0.5):
+    SparseGPT's mask choice by w^2 / [H^-1]_jj^2 per block) also prunes: pruned weights
+    quantize to zero and their error is compensated like rounding error."""
     fmt, gran = spec.format, spec.granularity
     if isinstance(fmt, (Codebook, Float, Binary, Ternary)):
         raise SpecError(f"{name}: gptq supports Int and level-table formats (nf, log2), not {fmt.name}")
     if isinstance(gran, PerChannel) and gran.axis not in (0, -2):
         raise SpecError(f"{name}: gptq quantizes columns; use per-channel axis 0, per-group or per-tensor")
+    original_shape = weight.shape
     if weight.dim() != 2:
         weight = weight.reshape(weight.shape[0], -1)
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise DataError(f"{name}: Hessian is {tuple(hessian.shape)} but the weight has {cols} inputs")
+    if prune is not None and prune[0] == "2:4" and act_order:
+        act_order = False  # 2:4 groups are consecutive inputs in the original order
     H, W = _prepare_hessian(hessian, weight.detach(), damp)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)  # in visiting order
+    if keep is not None:
+        pruned = ~keep.reshape(rows, cols)[:, perm]
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky(H, name)
 
@@ -87,6 +99,8 @@ def gptq_quantize(
         end = min(start + block_size, cols)
         Wb = W[:, start:end].clone()
         Eb = torch.zeros_like(Wb)
+        if prune is not None:
+            pruned[:, start:end] = _select(Wb, torch.diag(U)[start:end], prune)
         for i in range(end - start):
             j = int(perm[start + i])  # original column index
             g = j // group
@@ -97,6 +111,7 @@ def gptq_quantize(
             w = Wb[:, i].float().unsqueeze(1)
             q = quantize(w, fmt, qp, rows_gran)
             w_hat = dequantize(q, fmt, qp, rows_gran, w.shape).squeeze(1).to(torch.float64)
+            w_hat = torch.where(pruned[:, start + i], torch.zeros_like(w_hat), w_hat)
             codes[:, j] = q.squeeze(1)
             d = U[start + i, start + i]
             err = (Wb[:, i] - w_hat) / d
@@ -105,7 +120,36 @@ def gptq_quantize(
             Eb[:, i] = err
         W[:, start:end] = Wb
         W[:, end:] -= Eb @ U[start:end, end:]
-    return _assemble(codes, col_params, spec, weight, group), loss
+    keep_mask = None if keep is None and prune is None else ~pruned[:, torch.argsort(perm)]
+    pattern = None
+    if keep_mask is not None:
+        pattern = "2:4" if _is_2_4(keep_mask) else "bitmask"
+    qt = _assemble(codes, col_params, spec, weight.reshape(original_shape), group, keep_mask, pattern)
+    return qt, loss
+
+
+def _is_2_4(keep: torch.Tensor) -> bool:
+    cols = keep.shape[1]
+    return cols % 4 == 0 and bool((keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def _select(Wb: torch.Tensor, diag: torch.Tensor, prune: tuple[str, float]) -> torch.Tensor:
+    """SparseGPT's mask for one block: prune the weights with the least w^2 / [H^-1]_jj^2."""
+    saliency = Wb**2 / diag.unsqueeze(0) ** 2
+    pattern, ratio = prune
+    if pattern == "2:4":
+        rows, width = saliency.shape
+        if width % 4:
+            raise SpecError("2:4 sparsity needs an input dimension (and GPTQ block size) divisible by 4")
+        groups = saliency.reshape(rows, -1, 4)
+        low = torch.topk(groups, 2, dim=-1, largest=False).indices
+        return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, low, True).reshape(rows, width)
+    flat = saliency.reshape(-1)
+    k = int(flat.numel() * ratio)
+    if k == 0:
+        return torch.zeros_like(saliency, dtype=torch.bool)
+    threshold = torch.sort(flat).values[k - 1]
+    return saliency <= threshold
 
 
 def _group_values(W, Wb, Eb, U, position, first: int, last: int, start: int, i: int) -> torch.Tensor:
@@ -120,7 +164,7 @@ def _group_values(W, Wb, Eb, U, position, first: int, last: int, start: int, i: 
     return torch.cat(parts, dim=1)
 
 
-def _assemble(codes, col_params, spec: QuantSpec, weight: torch.Tensor, group: int) -> QTensor:
+def _assemble(codes, col_params, spec: QuantSpec, weight: torch.Tensor, group: int, keep=None, pattern=None) -> QTensor:
     """Stack per-group parameters into the granularity's compact shape and pack the codes."""
     gran = spec.granularity
     first = col_params[0]
@@ -132,7 +176,10 @@ def _assemble(codes, col_params, spec: QuantSpec, weight: torch.Tensor, group: i
         zero = None if first.zero_point is None else first.zero_point[:1].clone()
     else:
         scale, zero = first.scale.clone(), None if first.zero_point is None else first.zero_point.clone()
-    return QTensor.from_codes(codes.reshape(weight.shape), QParams(scale, zero), spec, weight.shape, weight.dtype)
+    keep = None if keep is None else keep.reshape(weight.shape)
+    return QTensor.from_codes(
+        codes.reshape(weight.shape), QParams(scale, zero), spec, weight.shape, weight.dtype, keep, pattern
+    )
 
 
 @register_algorithm(
@@ -150,6 +197,8 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
+    keep: torch.Tensor | None = None,
+    sparsity=None,
     **_,
 ) -> QTensor:
     """The registered form: the Hessian comes from calibration statistics."""
@@ -159,5 +208,10 @@ def gptq(
         raise SpecError(f"{name}: gptq damp={damp!r} must lie in (0, 1)")
     if not (isinstance(block_size, int) and block_size >= 1):
         raise SpecError(f"{name}: gptq block_size={block_size!r} must be a positive integer")
-    qt, _ = gptq_quantize(weight.float(), stats.hessian.float(), spec, damp, block_size, bool(act_order), name)
+    prune = None
+    if sparsity is not None and sparsity.method == "sparsegpt":
+        prune, keep = (sparsity.pattern, sparsity.ratio), None
+    qt, _ = gptq_quantize(
+        weight.float(), stats.hessian.float(), spec, damp, block_size, bool(act_order), name, keep, prune
+    )
     return qt

@@ -13,8 +13,10 @@ from ..tensor import QTensor
 
 
 def layout_of(qt: QTensor) -> str:
-    """Kernel layout key: format name / granularity kind (e.g. 'int4-asym/group')."""
-    return f"{qt.fmt.name}/{qt.granularity.name.split(':')[0]}"
+    """Kernel layout key: format name / granularity kind (+ sparsity), e.g. 'int4-asym/group',
+    'int4/channel+2:4'."""
+    base = f"{qt.fmt.name}/{qt.granularity.name.split(':')[0]}"
+    return base if qt.sparsity is None else f"{base}+{qt.sparsity}"
 
 
 class QModule(nn.Module):
@@ -34,6 +36,8 @@ class QModule(nn.Module):
         self.register_buffer("scale", qweight.scale)
         self.register_buffer("zero_point", qweight.zero_point)
         self.register_buffer("codebook", qweight.codebook)
+        self.register_buffer("mask", qweight.mask)
+        self.weight_sparsity = qweight.sparsity
         self.activation = activation
         self.register_buffer("input_scale", None)
         self.register_buffer("input_zero_point", None)
@@ -55,6 +59,8 @@ class QModule(nn.Module):
             self.scale,
             self.zero_point,
             self.codebook,
+            self.mask,
+            self.weight_sparsity,
         )
 
     @property
