@@ -8,7 +8,7 @@ from collections.abc import Callable
 from .errors import SpecError
 from .formats import Binary, Codebook, Float, Format, Int, Log2, NormalFloat, Ternary
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor
-from .recipe import ActivationSpec, LayerScheme, Recipe, Rule
+from .recipe import ActivationSpec, LayerScheme, Recipe, Rule, SparsitySpec
 from .spec import QuantSpec
 
 DYNAMIC_INT8 = ActivationSpec("dynamic", Int(8))
@@ -21,10 +21,11 @@ def _weights(
     activation: ActivationSpec | None = None,
     algorithm: str = "rtn",
     scale_dtype: str = "float16",
+    sparsity: SparsitySpec | None = None,
     **options,
 ) -> tuple[Rule, ...]:
     spec = QuantSpec(fmt, gran or PerChannel(), scale_dtype=scale_dtype)
-    scheme = LayerScheme(spec, activation or ActivationSpec(), algorithm, dict(options))
+    scheme = LayerScheme(spec, activation or ActivationSpec(), algorithm, dict(options), sparsity=sparsity)
     return (Rule(scheme, types=("Linear", "Conv2d")),)
 
 
@@ -96,6 +97,16 @@ _TABLE: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {
     "int8-outliers": (
         "int8 per-token x per-channel, activation outlier channels (|x| > 6) kept in float (LLM.int8)",
         lambda: _weights(Int(8), activation=DYNAMIC_INT8, algorithm="outliers", scale_dtype="float32"),
+    ),
+    "w4-g128-2of4": (
+        "2:4 sparse (magnitude) + 4-bit asymmetric groups of 128: about 3 bits per weight",
+        lambda: _weights(Int(4, symmetric=False), PerGroup(128), sparsity=SparsitySpec("2:4")),
+    ),
+    "w4-g128-2of4-sparsegpt": (
+        "2:4 sparse + 4-bit groups of 128, pruned and quantized jointly by SparseGPT, calibrated",
+        lambda: _weights(
+            Int(4, symmetric=False), PerGroup(128), algorithm="gptq", sparsity=SparsitySpec("2:4", method="sparsegpt")
+        ),
     ),
     "nf4-g64": (
         "NF4 (normal-quantile 4-bit) weights in groups of 64, fp16 absmax scales",

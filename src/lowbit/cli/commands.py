@@ -1,50 +1,15 @@
-"""The `lowbit` command: parses arguments, calls the API, prints. Exit 0 ok, 2 bad input, 1 internal."""
+"""Core commands: formats, demo, recipes, quantize, eval."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .errors import LowbitError, SpecError
-
-app = typer.Typer(
-    name="lowbit",
-    help="Quantize PyTorch models and measure what it costs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-stderr = Console(stderr=True)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-def _emit(data: dict, as_json: bool, table: Table | None) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, default=float) + "\n")
-    elif table is not None:
-        Console().print(table)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"lowbit {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
-    ] = False,
-) -> None:
-    """Quantize PyTorch models and measure what it costs."""
+from ..errors import SpecError
+from .app import JsonFlag, app, emit, stderr
 
 
 def _format_table(result: dict) -> Table:
@@ -75,10 +40,10 @@ def formats(
 
     Example: lowbit formats builtin:minilm --json
     """
-    from .demo import format_study_of
+    from ..demo import format_study_of
 
     result = format_study_of(model)
-    _emit(result, as_json, _format_table(result))
+    emit(result, as_json, _format_table(result))
 
 
 @app.command()
@@ -91,7 +56,7 @@ def demo(
 
     Example: lowbit demo --json
     """
-    from .demo import run_demo
+    from ..demo import run_demo
 
     result = run_demo(sentences, max_tokens, log=lambda msg: stderr.print(f"[dim]{msg}[/dim]"))
     table = Table(title="lowbit demo (quality: MiniLM cosine / top-1 agreement, SmolLM2 perplexity)")
@@ -120,7 +85,7 @@ def demo(
         f"{result['perplexity_tokens']} WikiText-2 test tokens, latency 1x128; kernels: "
         f"{result['kernels']}; {result['seconds']:.0f} s"
     )
-    _emit(result, as_json, table)
+    emit(result, as_json, table)
 
 
 @app.command()
@@ -129,7 +94,7 @@ def recipes(as_json: JsonFlag = False) -> None:
 
     Example: lowbit recipes
     """
-    from .presets import describe_presets
+    from ..presets import describe_presets
 
     presets = describe_presets()
     table = Table(title="lowbit presets")
@@ -137,7 +102,7 @@ def recipes(as_json: JsonFlag = False) -> None:
     table.add_column("what it does")
     for name, desc in presets.items():
         table.add_row(name, desc)
-    _emit({"recipes": presets}, as_json, table)
+    emit({"recipes": presets}, as_json, table)
 
 
 def _check_out_dir(model: str, out: Path) -> None:
@@ -177,10 +142,10 @@ def quantize_cmd(
     """
     import time
 
-    from . import load_model, quantize, save
-    from .calibration import calibration_data
-    from .evaluation.size import directory_bytes, model_size
-    from .recipe import resolve_recipe
+    from .. import load_model, quantize, save
+    from ..calibration import calibration_data
+    from ..evaluation.size import directory_bytes, model_size
+    from ..recipe import resolve_recipe
 
     resolved = resolve_recipe(recipe)
     name = model.removeprefix("builtin:").rstrip("/").split("/")[-1].removesuffix(".safetensors")
@@ -205,7 +170,7 @@ def quantize_cmd(
     for key in result:
         table.add_column(key)
     table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()])
-    _emit(result, as_json, table)
+    emit(result, as_json, table)
 
 
 @app.command("eval")
@@ -229,7 +194,7 @@ def eval_cmd(
 
     Example: lowbit eval minilm-int8 --task embedding --json
     """
-    from . import evaluate, load_model
+    from .. import evaluate, load_model
 
     loaded = load_model(model)
     ref = reference or (loaded.meta.get("source_model") if loaded.meta.get("quantized") else None)
@@ -245,19 +210,4 @@ def eval_cmd(
         "bits_per_weight": result["bits_per_weight"],
     }.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    _emit(result, as_json, table)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: maps LowbitError to exit code 2 with a one-line message on stderr.
-
-    Usage errors (unknown option, missing argument) exit with 2 through typer itself."""
-    try:
-        app(args=argv, prog_name="lowbit")
-    except LowbitError as exc:
-        sys.stderr.write(f"lowbit: error: {exc}\n")
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+    emit(result, as_json, table)

@@ -1,0 +1,20 @@
+"""The `lowbit` command: parses arguments, calls the API, prints. Exit 0 ok, 2 bad input, 1 internal."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import LowbitError
+from . import commands, planning  # noqa: F401  (register the commands)
+from .app import app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps LowbitError to exit code 2 with a one-line message on stderr.
+
+    Usage errors (unknown option, missing argument) exit with 2 through typer itself."""
+    try:
+        app(args=argv, prog_name="lowbit")
+    except LowbitError as exc:
+        sys.stderr.write(f"lowbit: error: {exc}\n")
+        sys.exit(2)

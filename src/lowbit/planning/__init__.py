@@ -1,0 +1,1 @@
+"""Planning: per-layer sensitivity, mixed precision under a budget, hardware targets."""

@@ -1,0 +1,202 @@
+"""Per-layer sensitivity: for every quantizable layer and candidate scheme, the damage done by
+quantizing that layer alone.
+
+Two measurements per (layer, candidate): the layer's relative output error on sampled
+calibration inputs, and the end-to-end change of the model's metric with only that layer
+quantized (mean token loss for causal LMs, 1 - mean sentence-embedding cosine for encoders,
+KL divergence of predictions for classifiers: smoother than accuracy on small sets). The
+table is cached on disk, keyed by model digest, candidates and data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..algorithms import as_result, get_algorithm
+from ..calibration import collect_statistics, forward_batch
+from ..errors import SpecError
+from ..io import write_json
+from ..models import Loaded, cache_dir
+from ..nn import set_submodule
+from ..presets import get_preset
+from ..quantize import build_layer, stats_needed
+from ..recipe import LayerScheme, Recipe, Rule
+from ..sparse import magnitude_mask, n_m_mask
+from .targets import get_target
+
+DEFAULT_CANDIDATES = ("fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64", "w4-g128-2of4")
+METRICS = {"causal-lm": "loss increase", "encoder": "1 - cosine", "image-classifier": "KL divergence"}
+
+
+def candidate_scheme(name: str) -> LayerScheme:
+    """The per-layer scheme of preset ``name`` (its first rule)."""
+    return get_preset(name).rules[0].scheme
+
+
+class Metric:
+    """End-to-end damage of a model relative to its float reference, on fixed batches."""
+
+    def __init__(self, kind: str, model: nn.Module, batches: list[Any]) -> None:
+        self.kind, self.batches = kind, batches
+        self.reference = [self.outputs(model, b) for b in batches]
+
+    def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            out = forward_batch(model, batch)
+        if self.kind == "causal-lm":
+            return out.logits.float()
+        if self.kind == "encoder":
+            hidden = out.last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+        return getattr(out, "logits", out).float()
+
+    def damage(self, model: nn.Module) -> float:
+        """Loss increase (LM), 1 - cosine (encoder) or KL to the float predictions (classifier)."""
+        total = 0.0
+        for batch, ref in zip(self.batches, self.reference):
+            out = self.outputs(model, batch)
+            if self.kind == "causal-lm":
+                ids = batch["input_ids"][:, 1:].flatten()
+                total += float(
+                    F.cross_entropy(out[:, :-1].flatten(0, 1), ids) - F.cross_entropy(ref[:, :-1].flatten(0, 1), ids)
+                )
+            elif self.kind == "encoder":
+                total += float(1.0 - (out * ref).sum(-1).mean())
+            else:
+                total += float(
+                    F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+                )
+        return total / len(self.batches)
+
+
+def quantize_one(layer: nn.Module, name: str, scheme: LayerScheme, stats) -> nn.Module:
+    """The quantized replacement of a single layer (its scheme's algorithm, RTN masks)."""
+    weight = layer.weight.detach()
+    extra: dict[str, Any] = {}
+    if scheme.sparsity is not None:
+        keep = None
+        if scheme.sparsity.method == "magnitude":
+            keep = (
+                n_m_mask(weight) if scheme.sparsity.pattern == "2:4" else magnitude_mask(weight, scheme.sparsity.ratio)
+            )
+        extra = {"sparsity": scheme.sparsity, "keep": keep}
+    with torch.no_grad():
+        result = as_result(
+            get_algorithm(scheme.algorithm).fn(
+                weight,
+                scheme.weight,
+                stats,
+                name=name,
+                activation=scheme.activation,
+                groups=getattr(layer, "groups", 1),
+                **scheme.options,
+                **extra,
+            )
+        )
+    return build_layer(layer, result, scheme, stats, name)
+
+
+def layer_error(layer: nn.Module, quantized: nn.Module, samples: torch.Tensor | None) -> float | None:
+    """Relative output error ||y - y_q||^2 / ||y||^2 of a Linear on sampled inputs."""
+    if samples is None or not isinstance(layer, nn.Linear):
+        return None
+    with torch.inference_mode():
+        ref = layer(samples)
+        got = quantized(samples)
+    return float((ref - got).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+
+
+def _digest(loaded: Loaded, names: list[str], batches: list[Any], extra: str) -> str:
+    h = hashlib.sha256()
+    for text in (loaded.sha256 or loaded.source, json.dumps(names), extra):
+        h.update(text.encode())
+    for batch in batches:
+        for t in batch.values() if isinstance(batch, dict) else [batch]:
+            if torch.is_tensor(t):
+                h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def measure(
+    loaded: Loaded,
+    calib: list[Any],
+    evaluation: list[Any],
+    candidates: list[str] | None = None,
+    target: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """The sensitivity table: per layer, per candidate: bytes, bits/weight, layer error, damage."""
+    names = list(candidates or DEFAULT_CANDIDATES)
+    if target is not None:
+        names = [n for n in names if get_target(target).supports(candidate_scheme(n))[0]]
+    if not names:
+        raise SpecError("no candidate scheme is left (check --candidates and --target)")
+    schemes = {n: candidate_scheme(n) for n in names}
+    model = loaded.model
+    layers = list(Recipe(name="all", rules=(Rule(schemes[names[0]], types=("Linear", "Conv2d")),)).resolve(model))
+    if not layers:
+        raise SpecError("the model has no quantizable Linear/Conv2d layer (the head and embeddings stay float)")
+    key = _digest(loaded, names + layers, calib + evaluation, target or "")
+    path = cache_dir() / "sensitivity" / f"{key}.json"
+    if use_cache and path.is_file():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    needs = {
+        n: {"samples"} | set().union(*(stats_needed(get_algorithm(s.algorithm), s) for s in schemes.values()))
+        for n in layers
+    }
+    plan = {n: schemes[names[0]] for n in layers}
+    stats = collect_statistics(model, plan, calib, needs)
+    metric = Metric(loaded.kind, model, evaluation)
+    table: dict[str, Any] = {}
+    total, step = len(layers) * len(names), 0
+    for name in layers:
+        original = model.get_submodule(name)
+        entry = {
+            "type": type(original).__name__,
+            "shape": list(original.weight.shape),
+            "params": original.weight.numel(),
+            "options": {},
+        }
+        for cand in names:
+            if progress is not None:
+                progress(f"{name} {cand}", step, total)
+            step += 1
+            quantized = quantize_one(original, name, schemes[cand], stats.get(name))
+            set_submodule(model, name, quantized)
+            try:
+                damage = metric.damage(model)
+            finally:
+                set_submodule(model, name, original)
+            bias = 0 if quantized.bias is None else quantized.bias.numel() * quantized.bias.element_size()
+            entry["options"][cand] = {
+                "bytes": quantized.qweight.nbytes + bias,
+                "bits_per_weight": 8.0 * quantized.qweight.nbytes / entry["params"],
+                "layer_error": layer_error(original, quantized, stats[name].samples if name in stats else None),
+                "damage": damage,
+            }
+        table[name] = entry
+    result = {
+        "model": loaded.source,
+        "kind": loaded.kind,
+        "metric": METRICS[loaded.kind],
+        "candidates": names,
+        "target": target,
+        "layers": table,
+        "calibration_batches": len(calib),
+        "evaluation_batches": len(evaluation),
+        "seconds": time.perf_counter() - start,
+    }
+    if use_cache:
+        write_json(path, result)
+    return result

@@ -1,0 +1,228 @@
+"""Sensitivity, the knapsack allocator and hardware targets (tiny models built here; one CLI
+run on the real MiniLM)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import SpecError
+from lowbit.planning.allocate import Knapsack, allocate, plan_recipe, uniform_plans
+from lowbit.planning.sensitivity import candidate_scheme, measure
+from lowbit.planning.targets import TARGETS, get_target
+from lowbit.presets import get_preset
+
+
+def random_table(layers: int, options: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    names = [f"l{i}" for i in range(layers)]
+    table = {"candidates": [f"c{j}" for j in range(options)], "layers": {}}
+    for name in names:
+        params = rng.randint(100, 5000)
+        opts = {}
+        for j in range(options):
+            bits = 2 + 2 * j
+            opts[f"c{j}"] = {"bytes": params * bits // 8 + rng.randint(0, 50), "damage": rng.random() / (1 + j * j)}
+        table["layers"][name] = {"params": params, "options": opts}
+    return table
+
+
+def brute_force(table: dict, budget: int) -> float:
+    best = float("inf")
+    layers = list(table["layers"].values())
+    for combo in itertools.product(*[list(layer["options"].values()) for layer in layers]):
+        if sum(o["bytes"] for o in combo) <= budget:
+            best = min(best, sum(o["damage"] for o in combo))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_matches_brute_force_and_never_exceeds_the_budget(seed):
+    table = random_table(layers=5, options=3, seed=seed)
+    knap = Knapsack(table)
+    sizes = [
+        sum(min(o["bytes"] for o in layer["options"].values()) for layer in table["layers"].values()),
+        sum(max(o["bytes"] for o in layer["options"].values()) for layer in table["layers"].values()),
+    ]
+    for budget in torch.linspace(sizes[0] * 1.05, sizes[1], 7).tolist():
+        plan = allocate(table, layer_budget_bytes=int(budget))
+        assert plan.layer_bytes <= budget
+        # units round sizes up, so the optimum is exact up to one unit per layer of slack
+        exact_tight = brute_force(table, int(budget) - knap.unit * len(table["layers"]))
+        assert plan.damage <= exact_tight + 1e-12
+        assert plan.damage >= brute_force(table, int(budget)) - 1e-12
+
+
+def test_max_drop_picks_the_smallest_plan_under_the_damage():
+    table = random_table(layers=4, options=3, seed=11)
+    least = min(sum(min(o["damage"] for o in layer["options"].values()) for layer in table["layers"].values()), 1e9)
+    plan = allocate(table, max_damage=least * 1.5)
+    assert plan.damage <= least * 1.5
+    with pytest.raises(SpecError, match="no plan keeps the predicted damage"):
+        allocate(table, max_damage=least * 0.5)
+    with pytest.raises(SpecError, match="exactly one budget"):
+        allocate(table, avg_bits=4, max_damage=1.0)
+
+
+def test_avg_bits_budget_and_the_front_is_monotone():
+    table = random_table(layers=6, options=3, seed=3)
+    params = sum(layer["params"] for layer in table["layers"].values())
+    plan = allocate(table, avg_bits=4.0)
+    assert 8 * plan.layer_bytes / params <= 4.0
+    front = Knapsack(table).front()
+    sizes = [p.layer_bytes for p in front]
+    damages = [p.damage for p in front]
+    assert sizes == sorted(sizes) and damages == sorted(damages, reverse=True)
+    with pytest.raises(SpecError, match="no plan fits"):
+        allocate(table, avg_bits=0.5)
+    assert {p.choices["l0"] for p in uniform_plans(table)} == {"c0", "c1", "c2"}
+
+
+def test_plan_recipe_names_every_layer_and_quantizes():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    ).eval()
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
+    from lowbit.planning.allocate import Plan
+
+    plan = Plan({n: ("w8-weight" if i % 2 else "w4-g128") for i, n in enumerate(linears)}, 0, 0.0)
+    recipe = lowbit.Recipe.from_dict(json.loads(json.dumps(plan_recipe(plan).to_dict())))
+    resolved = recipe.resolve(model)
+    for name in linears:
+        assert resolved[name] == candidate_scheme(plan.choices[name])
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_sensitivity_table_on_a_tiny_llama_orders_the_candidates(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    loaded = lowbit.Loaded(tiny_llama(), "causal-lm", "tiny-llama", meta={"type": "hf"})
+    gen = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)} for _ in range(3)]
+    evaluation = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)}]
+    table = measure(loaded, calib, evaluation, ["w8-weight", "w4-g128", "w2-g64"])
+    assert len(table["layers"]) == 2 * 7 and table["metric"] == "loss increase"
+    for entry in table["layers"].values():
+        opts = entry["options"]
+        assert (
+            opts["w8-weight"]["bits_per_weight"]
+            > opts["w4-g128"]["bits_per_weight"]
+            > opts["w2-g64"]["bits_per_weight"]
+        )
+        assert opts["w8-weight"]["layer_error"] < opts["w4-g128"]["layer_error"] < opts["w2-g64"]["layer_error"]
+    # the model is left untouched, and a second call is served from the cache
+    assert all(type(m) is torch.nn.Linear for n, m in loaded.model.named_modules() if n.endswith("proj"))
+    assert list((tmp_path / "sensitivity").glob("*.json"))
+    again = measure(loaded, calib, evaluation, ["w8-weight", "w4-g128", "w2-g64"])
+    assert again["layers"] == json.loads(json.dumps(table["layers"]))
+    with pytest.raises(SpecError, match="no candidate scheme is left"):
+        measure(loaded, calib, evaluation, ["w4-g128"], target="edge")
+
+
+def test_targets_accept_what_their_kernels_run():
+    scheme = lambda name: get_preset(name).rules[0].scheme  # noqa: E731
+    assert get_target("x86").supports(scheme("w4-g128"))[0]
+    assert get_target("x86").supports(scheme("int8-dynamic"))[0]
+    assert get_target("arm").supports(scheme("w4-g128"))[0]
+    ok, why = get_target("arm").supports(scheme("nf4-g64"))
+    assert not ok and "weights nf4" in why
+    ok, why = get_target("edge").supports(scheme("int8-dynamic"))
+    assert not ok and "activations dynamic-int8" in why
+    assert get_target("edge").supports(scheme("w8a8-static"))[0] == scheme("w8a8-static").activation.format.symmetric
+    assert get_target("cuda").supports(scheme("w4-g128-2of4"))[0]
+    assert not get_target("x86").supports(scheme("w4-g128-2of4"))[0]
+    assert set(TARGETS) == {"x86", "arm", "cuda", "edge"}
+    with pytest.raises(SpecError, match="unknown"):
+        get_target("tpu")
+    assert get_target("edge").check({"a": scheme("w4-g128"), "b": scheme("fp16")}).keys() == {"a", "b"}
+
+
+def test_cli_plan_on_minilm_writes_a_recipe_that_quantizes(tmp_path):
+    env = {"LOWBIT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    out = tmp_path / "plan.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowbit",
+            "plan",
+            "builtin:minilm",
+            "--avg-bits",
+            "6",
+            "--candidates",
+            "w8-weight,w4-g128",
+            "--samples",
+            "2",
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["plan"]["bits_per_weight"] <= 6.0
+    assert set(result["plan"]["counts"]) <= {"w8-weight", "w4-g128"}
+    verified = result["verification"]
+    assert verified["mean_cosine"] > 0.95 and verified["bits_per_weight"] <= 6.5
+    recipe = lowbit.Recipe.from_dict(json.loads(out.read_text()))
+    assert len(recipe.rules) == len(result["plan"]["choices"])
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lowbit",
+            "plan",
+            "builtin:minilm",
+            "--avg-bits",
+            "4",
+            "--max-drop",
+            "0.1",
+            "--out",
+            str(tmp_path / "x.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "exactly one budget" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
