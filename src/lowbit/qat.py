@@ -206,7 +206,7 @@ def fit(
                 with torch.no_grad():
                     ref = forward_batch(teacher, batch)
                 value = distillation_loss(out, ref, loss)
-            if not math.isfinite(float(value)):
+            if not math.isfinite(float(value.detach() if torch.is_tensor(value) else value)):
                 raise DataError(f"training diverged at step {step} (loss {float(value)}); lower the learning rate")
             opt.zero_grad(set_to_none=True)
             value.backward()

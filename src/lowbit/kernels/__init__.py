@@ -128,5 +128,12 @@ def select(op: str, module: nn.Module, x: torch.Tensor) -> Kernel:
 
 
 def run(op: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Dispatch ``op`` for ``module`` on input ``x``."""
-    return select(op, module, x).fn(module, x)
+    """Dispatch ``op`` for ``module`` on input ``x``. Outlier input channels (``set_outliers``)
+    are split off here for every kernel: the kernel sees them zeroed, a float matmul adds them."""
+    index = getattr(module, "outlier_index", None)
+    if index is None or op != "linear":
+        return select(op, module, x).fn(module, x)
+    main = x.clone()
+    main[..., index] = 0.0
+    y = select(op, module, main).fn(module, main)
+    return y + torch.nn.functional.linear(x[..., index], module.outlier_weight.to(x.dtype))

@@ -33,6 +33,9 @@ ISA_FLAGS = [
     "-mf16c",
     "-mbmi2",
 ]
+# at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one thread.
+# The library then shares torch's libgomp (same soname, found through the torch/lib rpath).
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 REQUIRED_CPU_FLAGS = (
     "avx512f",
     "avx512bw",
@@ -72,8 +75,7 @@ def _command(sources: list[Path], output: Path) -> list[str]:
     libs = cpp_extension.library_paths()
     return [
         _compiler() or "g++",
-        "-O3",
-        "-std=c++20",
+        *CXX_FLAGS,
         "-shared",
         "-fPIC",
         "-w",
@@ -95,7 +97,7 @@ def _digest(sources: list[Path]) -> str:
     for src in sources:
         h.update(src.name.encode())
         h.update(src.read_bytes())
-    for extra in (*ISA_FLAGS, torch.__version__, _compiler() or "", sys.version):
+    for extra in (*CXX_FLAGS, *ISA_FLAGS, torch.__version__, _compiler() or "", sys.version):
         h.update(extra.encode())
     return h.hexdigest()[:16]
 

@@ -38,12 +38,7 @@ def quantize_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     w = module.qweight.dequantize(x.dtype)
     bias = None if module.bias is None else module.bias.to(x.dtype)
-    if module.outlier_index is None:
-        return F.linear(quantize_input(x, module), w, bias)
-    index = module.outlier_index
-    main = x.clone()
-    main[..., index] = 0.0  # outlier channels skip quantization: float path below
-    return F.linear(quantize_input(main, module), w, bias) + F.linear(x[..., index], module.outlier_weight.to(x.dtype))
+    return F.linear(quantize_input(x, module), w, bias)  # outlier channels: split off by kernels.run
 
 
 @register_kernel("conv2d", "reference", priority=-100)

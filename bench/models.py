@@ -1,0 +1,147 @@
+"""End-to-end speed of quantized models next to float in the same run, with quality beside it.
+
+MiniLM (all-MiniLM-L6-v2): latency at batch 1 x 32 and 16 x 128 tokens (real WikiText-2
+sentences padded to that length), for PyTorch fp32 eager, fp32 + torch.compile, and each lowbit
+recipe eager and with ``lowbit.runtime.compile``; quality = mean cosine of sentence embeddings
+to fp32 and top-1 nearest-neighbour agreement on 500 WikiText-2 test sentences.
+
+SmolLM2-135M: greedy decode tokens/s at batch 1 (32-token prompt, 64 new tokens), prefill
+tokens/s on 512 tokens, and WikiText-2 test perplexity on the first ``--ppl-tokens`` tokens.
+
+    .venv/bin/python bench/models.py [--quick] [--skip-smollm] > models.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import lowbit
+from lowbit import data
+from lowbit.evaluation.embedding import nearest_neighbours, sentence_embeddings
+from lowbit.evaluation.latency import latency
+from lowbit.evaluation.perplexity import perplexity
+from lowbit.runtime import compile as lowbit_compile
+
+MINILM_RECIPES = ("int8-dynamic", "w8-weight", "w4-g128")
+SMOLLM_RECIPES = ("w8-weight", "w4-g128", "nf4-g64")
+SHAPES = ((1, 32), (16, 128))
+
+
+def _inputs(tokenizer, texts: list[str], batch: int, length: int) -> dict[str, torch.Tensor]:
+    encoded = tokenizer(texts[:batch], padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return dict(encoded)
+
+
+def _time(model, inputs: dict, seconds: float) -> float:
+    return latency(lambda: model(**inputs), warmup=3, repeat=10, min_seconds=seconds)["median_ms"]
+
+
+def _quality(model, tokenizer, texts: list[str], reference: torch.Tensor) -> dict:
+    emb = sentence_embeddings(model, tokenizer, texts)
+    return {
+        "mean_cosine": round(float((emb * reference).sum(-1).mean()), 5),
+        "top1_agreement": round(float((nearest_neighbours(emb) == nearest_neighbours(reference)).float().mean()), 4),
+    }
+
+
+def minilm(sentences: int, seconds: float, compiled: bool) -> dict:
+    texts = data.sentences(count=sentences)
+    long_texts = data.sentences(count=16, min_words=40, max_words=120, seed=3)  # fill 128 tokens
+    base = lowbit.load_model("builtin:minilm")
+    tok = base.tokenizer
+    inputs = {(b, n): _inputs(tok, long_texts if n > 64 else texts, b, n) for b, n in SHAPES}
+    reference = sentence_embeddings(base.model, tok, texts)
+    rows = []
+
+    def measure(label: str, model, eager_ms: dict | None) -> dict:
+        row = {"recipe": label}
+        for b, n in SHAPES:
+            ms = _time(model, inputs[(b, n)], seconds)
+            row[f"ms_{b}x{n}"] = round(ms, 3)
+            if eager_ms is not None:
+                row[f"speedup_{b}x{n}"] = round(eager_ms[f"ms_{b}x{n}"] / ms, 2)
+        return row
+
+    fp32 = measure("fp32 eager", base.model, None)
+    fp32.update(speedup_1x32=1.0, speedup_16x128=1.0, mean_cosine=1.0, top1_agreement=1.0)
+    rows.append(fp32)
+    if compiled:
+        model = lowbit_compile(base.model, inputs[SHAPES[0]])
+        rows.append({**measure("fp32 torch.compile", model, fp32), "mean_cosine": 1.0, "top1_agreement": 1.0})
+    for recipe in MINILM_RECIPES:
+        loaded = lowbit.load_model("builtin:minilm")
+        lowbit.quantize(loaded, recipe)
+        quality = _quality(loaded.model, tok, texts, reference)
+        kernels_used = sorted({lowbit.kernels.select("linear", m, torch.randn(2, m.weight_shape[1])).name
+                               for m in loaded.model.modules() if isinstance(m, lowbit.nn.QLinear)})  # fmt: skip
+        rows.append({**measure(f"{recipe} eager", loaded.model, fp32), **quality, "kernels": kernels_used})
+        if compiled:
+            model = lowbit_compile(loaded.model, inputs[SHAPES[0]])
+            row = measure(f"{recipe} lowbit.compile", model, fp32)
+            rows.append({**row, **_quality(model, tok, texts, reference), "kernels": kernels_used})
+    return {"model": "builtin:minilm", "sentences": len(texts), "rows": rows}
+
+
+def _decode(model, prompt: torch.Tensor, new_tokens: int) -> dict:
+    gen = dict(do_sample=False, use_cache=True)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=4, **gen)  # warm-up: kernel layouts, allocator
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **gen)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
+        total = time.perf_counter() - start
+    per_token = (total - first) / (new_tokens - 1)
+    return {"decode_tokens_per_s": round(1 / per_token, 1), "decode_ms_per_token": round(per_token * 1e3, 2)}
+
+
+def _prefill(model, ids: torch.Tensor, seconds: float) -> dict:
+    ms = latency(lambda: model(input_ids=ids, use_cache=False), warmup=1, repeat=3, min_seconds=seconds)["median_ms"]
+    return {"prefill_ms_512": round(ms, 1), "prefill_tokens_per_s": round(ids.shape[1] / ms * 1e3, 1)}
+
+
+def smollm(ppl_tokens: int, seconds: float, new_tokens: int) -> dict:
+    base = lowbit.load_model("builtin:smollm2-135m")
+    stream = data.token_stream(base.tokenizer, data.wikitext("valid"))
+    prompt, prefill_ids = stream[:32].unsqueeze(0), stream[1000:1512].unsqueeze(0)
+    rows = []
+    fp32 = {"recipe": "fp32", **_decode(base.model, prompt, new_tokens), **_prefill(base.model, prefill_ids, seconds)}
+    fp32["perplexity"] = round(perplexity(base.model, base.tokenizer, max_tokens=ppl_tokens)["perplexity"], 3)
+    rows.append(fp32)
+    for recipe in SMOLLM_RECIPES:
+        loaded = lowbit.load_model("builtin:smollm2-135m")
+        lowbit.quantize(loaded, recipe)
+        row = {
+            "recipe": recipe,
+            **_decode(loaded.model, prompt, new_tokens),
+            **_prefill(loaded.model, prefill_ids, seconds),
+        }
+        row["decode_speedup"] = round(row["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 2)
+        row["prefill_speedup"] = round(row["prefill_tokens_per_s"] / fp32["prefill_tokens_per_s"], 2)
+        row["perplexity"] = round(perplexity(loaded.model, loaded.tokenizer, max_tokens=ppl_tokens)["perplexity"], 3)
+        rows.append(row)
+    return {"model": "builtin:smollm2-135m", "perplexity_tokens": ppl_tokens, "new_tokens": new_tokens, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sentences and tokens, shorter timings")
+    parser.add_argument("--skip-smollm", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    args = parser.parse_args()
+    seconds = 0.5 if args.quick else 2.0
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+              "native_kernels": lowbit.kernels.native_available()}  # fmt: skip
+    result["minilm"] = minilm(100 if args.quick else 500, seconds, not args.no_compile)
+    if not args.skip_smollm:
+        result["smollm2"] = smollm(2048 if args.quick else 8192, seconds, 16 if args.quick else 64)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+// W8A8 CPU kernels: int8 activations x int8 per-channel weights (AVX-512 VNNI).
+//
+// Activations are quantized here, fused with SmoothQuant's per-channel divisor: per token
+// (dynamic, symmetric int8, scale = absmax / 127) or per tensor (static, calibrated scale and
+// zero point). Codes are emitted as uint8 for vpdpbusd (u8 x s8): a symmetric code q becomes
+// q + 128, an asymmetric uint8 code stays as it is; `zero` is the code that stands for 0.0 and
+// is compensated with the weight row sums precomputed at packing time:
+//   y[m, n] = (sum_k u[m, k] w[n, k] - zero * rowsum[n]) * x_scale[m] * w_scale[n] + bias[n].
+// The codes equal lowbit.primitives' bit for bit: x / smooth, absmax / 127 and x / scale are
+// IEEE divisions like the reference's, rounding is half to even like torch.round.
+//
+// Small M (decode) runs a GEMV/GEMM over a weight prepacked in panels of 32 output rows,
+// [N/32][K/4][32][4] bytes on 2 MB pages, streamed once; large M calls oneDNN's int8 matmul
+// (onednn::qlinear_pointwise) through the dispatcher with the per-token scale and bias applied
+// in one pass afterwards.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "common.h"
+
+namespace lowbit::int8 {
+
+constexpr int64_t kPanel = 32;       // output rows per weight panel (two zmm of int32 sums)
+constexpr int64_t kRowTile = 8;      // activation rows per micro-kernel call
+constexpr int64_t kPrefetch = 2048;  // bytes ahead that the GEMV prefetches its weight stream
+constexpr size_t kHugePage = size_t(2) << 20;
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+
+// fp32 lanes of x[k..k+16) (masked lanes read as 0).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// Round fp32 lanes to bf16 (half to even, as torch's bf16 arithmetic does) and back.
+inline __m512 round_bf16(__m512 v) {
+  __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// What the reference sees: x, divided by the smoothing divisor if any (in x's dtype).
+template <typename T>
+inline __m512 smoothed(const T* x, const float* smooth, int64_t k, __mmask16 m) {
+  __m512 v = load16(x + k, m);
+  if (smooth != nullptr) {
+    __m512 s = _mm512_maskz_loadu_ps(m, smooth + k);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      v = round_bf16(_mm512_maskz_div_ps(m, v, round_bf16(s)));
+    } else {
+      v = _mm512_maskz_div_ps(m, v, s);
+    }
+  }
+  return v;
+}
+
+// How rows become codes. Dynamic: scale per row from its range; static: one scale, zero point.
+struct ActQuant {
+  const float* smooth = nullptr;
+  bool dynamic = true;
+  float scale = 1.f;  // static only
+  float zero = 0.f;   // static asymmetric zero point (added to round(x / scale))
+  float qmin = -127.f, qmax = 127.f;
+  int32_t shift = 128;  // added to q to make the uint8 code (128 for symmetric, 0 for uint8)
+  int32_t code_zero() const { return dynamic ? 128 : shift + int32_t(zero); }
+};
+
+// The per-token scale the reference chooses (primitives.qparams_from_range, symmetric int8).
+inline float token_scale(float lo, float hi) {
+  float scale = lo == hi ? std::fabs(lo) : std::max(std::max(hi, 0.f) / 127.f, -std::min(lo, 0.f) / 127.f);
+  return scale > 0.f ? scale : 1.f;
+}
+
+// Quantize one row of K values into `out` (padded with `pad` codes up to `kpad`); returns its scale.
+template <typename T>
+float quantize_row(const T* x, int64_t K, const ActQuant& aq, uint8_t* out, int64_t kpad) {
+  float scale = aq.scale;
+  if (aq.dynamic) {
+    __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
+    for (int64_t k = 0; k < K; k += 16) {
+      __mmask16 m = tail_mask(K - k);
+      __m512 v = smoothed(x, aq.smooth, k, m);
+      lo = _mm512_mask_min_ps(lo, m, lo, v);
+      hi = _mm512_mask_max_ps(hi, m, hi, v);
+    }
+    scale = token_scale(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+  }
+  const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(aq.zero);
+  const __m512 vmin = _mm512_set1_ps(aq.qmin), vmax = _mm512_set1_ps(aq.qmax);
+  const __m512i vshift = _mm512_set1_epi32(aq.shift);
+  for (int64_t k = 0; k < K; k += 16) {
+    __mmask16 m = tail_mask(K - k);
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(smoothed(x, aq.smooth, k, m), vs),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, vz), vmin), vmax);
+    _mm512_mask_cvtepi32_storeu_epi8(out + k, m, _mm512_add_epi32(_mm512_cvtps_epi32(q), vshift));
+  }
+  std::fill(out + K, out + kpad, uint8_t(aq.code_zero()));
+  return scale;
+}
+
+// Quantize rows [M, K] of x into codes [M, ldc] and per-row scales; parallel over rows when large.
+void quantize_rows(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t ldc, float* scales) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scales[i] = x.scalar_type() == at::kBFloat16
+                      ? quantize_row(x.const_data_ptr<at::BFloat16>() + i * K, K, aq, codes + i * ldc, ldc)
+                      : quantize_row(x.const_data_ptr<float>() + i * K, K, aq, codes + i * ldc, ldc);
+    }
+  };
+  if (M * K < (int64_t(1) << 16)) {
+    body(0, M);
+  } else {
+    at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 15) / K), body);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight packing
+
+// A zero-filled int8 buffer on 2 MB-aligned memory advised for transparent huge pages, so that a
+// streamed weight costs no page walks and the prefetchers are not cut at every 4 KB page.
+at::Tensor alloc_packed(int64_t bytes) {
+  size_t size = round_up(std::max<int64_t>(bytes, 1), bytes >= int64_t(kHugePage) ? kHugePage : 64);
+  void* p = std::aligned_alloc(bytes >= int64_t(kHugePage) ? kHugePage : 64, size);
+  LOWBIT_CHECK(p != nullptr, "could not allocate ", size, " bytes for a packed weight");
+  if (size >= kHugePage) madvise(p, size, MADV_HUGEPAGE);
+  std::memset(p, 0, size);
+  return at::from_blob(p, {bytes}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kChar));
+}
+
+// w int8 [N, K] -> (packed [N/32 * K/4 * 32 * 4] int8 (zero padded), row sums int32 [N padded to 32]).
+std::tuple<at::Tensor, at::Tensor> pack(const at::Tensor& w) {
+  LOWBIT_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar, "w8a8_pack expects an int8 [N, K] weight, got ",
+               w.scalar_type(), " of shape ", w.sizes());
+  const auto wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), Np = round_up(N, kPanel), Kp = round_up(K, 4);
+  at::Tensor packed = alloc_packed(Np * Kp);
+  at::Tensor sums = at::zeros({Np}, at::kInt);
+  const int8_t* src = wc.const_data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* rs = sums.data_ptr<int32_t>();
+  at::parallel_for(0, Np / kPanel, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t r = 0; r < kPanel && p * kPanel + r < N; ++r) {
+        const int64_t n = p * kPanel + r;
+        int32_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          dst[p * kPanel * Kp + (k / 4) * kPanel * 4 + r * 4 + k % 4] = src[n * K + k];
+          sum += src[n * K + k];
+        }
+        rs[n] = sum;
+      }
+    }
+  });
+  return {packed, sums};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small-M GEMM over the packed weight
+
+// int32 sums for MT rows of codes x one panel of 32 outputs: acc[m][0..1] (16 outputs each).
+template <int MT>
+inline void panel_dot(const uint8_t* codes, int64_t ldc, const int8_t* w, int64_t K4, __m512i (&acc)[MT][2]) {
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  const int32_t* x[MT];
+  for (int m = 0; m < MT; ++m) x[m] = reinterpret_cast<const int32_t*>(codes + m * ldc);
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K4; ++k, w += 4 * kPanel) {
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetch, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetch + 64, _MM_HINT_T0);
+    const __m512i w0 = _mm512_load_si512(w), w1 = _mm512_load_si512(w + 64);
+    for (int m = 0; m < MT; ++m) {
+      const __m512i xb = _mm512_set1_epi32(x[m][k]);
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xb, w0);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xb, w1);
+    }
+  }
+}
+
+inline void store16(float* y, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(y, m, v); }
+inline void store16(at::BFloat16* y, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Everything the epilogue needs besides the sums.
+struct Epilogue {
+  const int32_t* wsum;  // [Np]
+  const float* wscale;  // [N]
+  const float* bias;    // [N] or null
+  const float* xscale;  // [M] (dynamic) or null (static: `scale`)
+  float scale;
+  int32_t zero;  // the code standing for 0.0
+  int64_t N;
+};
+
+template <int MT, typename TO>
+inline void finish(const __m512i (&acc)[MT][2], const Epilogue& e, int64_t m0, int64_t n0, TO* y) {
+  for (int j = 0; j < 2; ++j) {
+    const int64_t n = n0 + 16 * j;
+    if (n >= e.N) break;
+    const __mmask16 mask = tail_mask(e.N - n);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, e.wscale + n);
+    const __m512 b = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
+    const __m512i comp = _mm512_mullo_epi32(_mm512_loadu_si512(e.wsum + n), _mm512_set1_epi32(e.zero));
+    for (int m = 0; m < MT; ++m) {
+      const float xs = e.xscale ? e.xscale[m0 + m] : e.scale;
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][j], comp));
+      store16(y + (m0 + m) * e.N + n, _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(xs)), b), mask);
+    }
+  }
+}
+
+template <int MT, typename TO>
+void rows_panel(const uint8_t* codes, int64_t ldc, const int8_t* w, int64_t K4, const Epilogue& e, int64_t m0,
+                int64_t n0, TO* y) {
+  __m512i acc[MT][2];
+  panel_dot<MT>(codes + m0 * ldc, ldc, w, K4, acc);
+  finish<MT>(acc, e, m0, n0, y);
+}
+
+template <typename TO>
+void small_gemm(const uint8_t* codes, int64_t M, int64_t Kp, const int8_t* packed, int64_t Np, const Epilogue& e,
+                TO* y) {
+  using Fn = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const Epilogue&, int64_t, int64_t, TO*);
+  static constexpr Fn table[kRowTile] = {rows_panel<1, TO>, rows_panel<2, TO>, rows_panel<3, TO>,
+                                         rows_panel<4, TO>, rows_panel<5, TO>, rows_panel<6, TO>,
+                                         rows_panel<7, TO>, rows_panel<8, TO>};
+  const int64_t panels = Np / kPanel, panel_bytes = kPanel * Kp;
+  // Threads split the panels into contiguous ranges (one sequential weight stream each); tiny
+  // layers stay on one thread, where waking the other costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(96) << 10) / (panel_bytes * std::min<int64_t>(M, kRowTile)));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        table[std::min(kRowTile, M - m0) - 1](codes, Kp, packed + p * panel_bytes, Kp / 4, e, m0, p * kPanel, y);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large M: oneDNN
+
+at::Tensor onednn_linear(const at::Tensor& codes, double x_scale, int64_t x_zero, const at::Tensor& w_onednn,
+                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("onednn::qlinear_pointwise", "")
+                       .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
+                                         std::optional<at::Tensor>, double, int64_t, std::optional<at::ScalarType>,
+                                         c10::string_view, c10::List<std::optional<at::Scalar>>, c10::string_view)>();
+  // The weight zero points are unused (symmetric weights) but part of the schema.
+  return op.call(codes, x_scale, x_zero, w_onednn, w_scale, at::zeros({w_scale.size(0)}, at::kLong), bias, 1.0, 0,
+                 out, "none", c10::List<std::optional<at::Scalar>>(), "");
+}
+
+// y[m, :] = y[m, :] * xscale[m] + bias into out (fp32 in place or bf16).
+void scale_rows(const at::Tensor& y, const float* xscale, const float* bias, at::Tensor& out) {
+  const int64_t M = y.size(0), N = y.size(1);
+  const float* src = y.const_data_ptr<float>();
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 14) / N), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const __m512 xs = _mm512_set1_ps(xscale[i]);
+      for (int64_t n = 0; n < N; n += 16) {
+        const __mmask16 m = tail_mask(N - n);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+        const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, src + i * N + n), xs, b);
+        if (out.scalar_type() == at::kFloat) {
+          store16(out.data_ptr<float>() + i * N + n, v, m);
+        } else {
+          store16(out.data_ptr<at::BFloat16>() + i * N + n, v, m);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops
+
+ActQuant act_quant(const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& x_scale,
+                   const std::optional<at::Tensor>& x_zero_point, int64_t K) {
+  ActQuant aq;
+  if (smooth) {
+    LOWBIT_CHECK(smooth->scalar_type() == at::kFloat && smooth->is_contiguous() && smooth->numel() == K,
+                 "smooth must be a contiguous float32 [", K, "] tensor, got ", smooth->scalar_type(), " ",
+                 smooth->sizes());
+    aq.smooth = smooth->const_data_ptr<float>();
+  }
+  if (x_scale) {
+    aq.dynamic = false;
+    aq.scale = x_scale->item<float>();
+    if (x_zero_point) {  // asymmetric uint8: codes are already unsigned
+      aq.zero = float(x_zero_point->item<int64_t>());
+      aq.qmin = 0.f, aq.qmax = 255.f, aq.shift = 0;
+    }
+  }
+  return aq;
+}
+
+at::Tensor as_2d(const at::Tensor& x) {
+  LOWBIT_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+               "int8 kernels take float32 or bfloat16 activations, got ", x.scalar_type());
+  LOWBIT_CHECK(x.dim() >= 1 && x.size(-1) > 0, "activations need a non-empty last dimension, got ", x.sizes());
+  return x.reshape({-1, x.size(-1)}).contiguous();
+}
+
+// (codes uint8 [..., K], scales float32 [...]): per-token (x_scale None) or per-tensor codes.
+std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const std::optional<at::Tensor>& smooth,
+                                            const std::optional<at::Tensor>& x_scale,
+                                            const std::optional<at::Tensor>& x_zero_point) {
+  const at::Tensor x2 = as_2d(x);
+  const int64_t M = x2.size(0), K = x2.size(1);
+  const ActQuant aq = act_quant(smooth, x_scale, x_zero_point, K);
+  at::Tensor codes = at::empty({M, K}, at::kByte), scales = at::empty({M}, at::kFloat);
+  quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), K, scales.data_ptr<float>());
+  auto lead = x.sizes().vec();
+  lead.pop_back();
+  return {codes.view(x.sizes()), scales.view(lead)};
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth,
+                  const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_zero_point,
+                  const std::optional<at::Tensor>& w_onednn, int64_t onednn_min_rows) {
+  const at::Tensor x2 = as_2d(x);
+  const int64_t M = x2.size(0), K = x2.size(1), N = w_scale.size(0);
+  const int64_t Np = w_sum.size(0), Kp = round_up(K, 4);
+  LOWBIT_CHECK(w_packed.numel() == Np * Kp && Np == round_up(N, kPanel) && w_sum.scalar_type() == at::kInt,
+               "packed weight [", w_packed.numel(), "] / sums [", Np, "] do not fit K=", K, ", N=", N,
+               "; repack the weight with w8a8_pack");
+  LOWBIT_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "w_scale must be contiguous float32");
+  LOWBIT_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+               "bias must be a contiguous float32 [", N, "] tensor");
+  const ActQuant aq = act_quant(smooth, x_scale, x_zero_point, K);
+  const at::ScalarType out_dtype = x.scalar_type();
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor scales = at::empty({M}, at::kFloat);
+  at::Tensor y;
+  if (w_onednn && M >= onednn_min_rows) {
+    at::Tensor codes = at::empty({M, K}, at::kByte);
+    quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), K, scales.data_ptr<float>());
+    if (aq.dynamic) {
+      at::Tensor acc = onednn_linear(codes, 1.0, 128, *w_onednn, w_scale, std::nullopt, at::kFloat);
+      y = out_dtype == at::kFloat ? acc : at::empty({M, N}, out_dtype);
+      scale_rows(acc, scales.const_data_ptr<float>(), bias ? bias->const_data_ptr<float>() : nullptr, y);
+    } else {
+      y = onednn_linear(codes, aq.scale, aq.code_zero(), *w_onednn, w_scale, bias, out_dtype);
+    }
+    return y.view(out_shape);
+  }
+  at::Tensor codes = at::empty({M, Kp}, at::kByte);
+  quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), Kp, scales.data_ptr<float>());
+  y = at::empty({M, N}, out_dtype);
+  const Epilogue e{w_sum.const_data_ptr<int32_t>(), w_scale.const_data_ptr<float>(),
+                   bias ? bias->const_data_ptr<float>() : nullptr, aq.dynamic ? scales.const_data_ptr<float>() : nullptr,
+                   aq.scale, aq.code_zero(), N};
+  if (out_dtype == at::kFloat) {
+    small_gemm(codes.const_data_ptr<uint8_t>(), M, Kp, w_packed.const_data_ptr<int8_t>(), Np, e, y.data_ptr<float>());
+  } else {
+    small_gemm(codes.const_data_ptr<uint8_t>(), M, Kp, w_packed.const_data_ptr<int8_t>(), Np, e,
+               y.data_ptr<at::BFloat16>());
+  }
+  return y.view(out_shape);
+}
+
+// Static per-tensor activations through a k x k convolution: quantize channels-last, oneDNN's int8 conv.
+at::Tensor conv2d(const at::Tensor& x, const std::optional<at::Tensor>& smooth, const at::Tensor& x_scale,
+                  const std::optional<at::Tensor>& x_zero_point, const at::Tensor& w_onednn, const at::Tensor& w_scale,
+                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation, int64_t groups) {
+  LOWBIT_CHECK(x.dim() == 4, "w8a8_conv2d expects an NCHW input, got ", x.sizes());
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("onednn::qconv_pointwise", "")
+                       .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor,
+                                         std::optional<at::Tensor>, c10::List<int64_t>, c10::List<int64_t>,
+                                         c10::List<int64_t>, int64_t, double, int64_t, std::optional<at::ScalarType>, c10::string_view,
+                                         c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  const at::Tensor pixels = as_2d(x.permute({0, 2, 3, 1}));  // free when x is channels-last already
+  const ActQuant aq = act_quant(smooth, x_scale, x_zero_point, pixels.size(1));
+  at::Tensor codes = at::empty(pixels.sizes(), at::kByte), scales = at::empty({pixels.size(0)}, at::kFloat);
+  quantize_rows(pixels, aq, codes.data_ptr<uint8_t>(), pixels.size(1), scales.data_ptr<float>());
+  const at::Tensor qx = codes.view({x.size(0), x.size(2), x.size(3), x.size(1)}).permute({0, 3, 1, 2});
+  return op.call(qx, aq.scale, aq.code_zero(), w_onednn, w_scale, at::zeros({w_scale.size(0)}, at::kLong), bias,
+                 c10::List<int64_t>(stride), c10::List<int64_t>(padding), c10::List<int64_t>(dilation), groups, 1.0, 0, x.scalar_type(), "none", c10::List<std::optional<at::Scalar>>(),
+                 std::nullopt);
+}
+
+}  // namespace lowbit::int8
+
+TORCH_LIBRARY_FRAGMENT(lowbit, m) {
+  m.def("w8a8_pack(Tensor w) -> (Tensor, Tensor)");
+  m.def("w8a8_quantize(Tensor x, Tensor? smooth, Tensor? x_scale, Tensor? x_zero_point) -> (Tensor, Tensor)");
+  m.def(
+      "w8a8_linear(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, Tensor? smooth, "
+      "Tensor? x_scale, Tensor? x_zero_point, Tensor? w_onednn, int onednn_min_rows) -> Tensor");
+  m.def(
+      "w8a8_conv2d(Tensor x, Tensor? smooth, Tensor x_scale, Tensor? x_zero_point, Tensor w_onednn, Tensor w_scale, "
+      "Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("w8a8_pack", &lowbit::int8::pack);
+  m.impl("w8a8_quantize", &lowbit::int8::quantize);
+  m.impl("w8a8_linear", &lowbit::int8::linear);
+  m.impl("w8a8_conv2d", &lowbit::int8::conv2d);
+}
+
+// A oneDNN-packed weight is an MkldnnCPU tensor, which routes the call to this key.
+TORCH_LIBRARY_IMPL(lowbit, MkldnnCPU, m) {
+  m.impl("w8a8_linear", &lowbit::int8::linear);
+  m.impl("w8a8_conv2d", &lowbit::int8::conv2d);
+}

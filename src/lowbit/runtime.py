@@ -1,0 +1,53 @@
+"""Running quantized models fast: ``compile`` wraps a model in ``torch.compile`` the way lowbit's
+kernels need it (their weight layouts built before tracing, graphs that keep the native ops as
+single calls, dynamic shapes so a new sequence length does not recompile).
+
+Compilation is optional: every kernel also runs eagerly. It pays off for small batches, where
+Python and the float ops between the integer matmuls (layer norms, GELU, attention softmax)
+dominate, and Inductor fuses them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedError
+from .nn import QModule
+
+
+def prepare_kernels(model: nn.Module, example: dict | torch.Tensor | None = None) -> None:
+    """Build every quantized layer's kernel layout now (otherwise the first call does it), by one
+    eager forward pass on ``example`` when given."""
+    if example is None:
+        return
+    with torch.inference_mode():
+        if isinstance(example, dict):
+            model(**example)
+        else:
+            model(example)
+
+
+def compile(  # noqa: A001 - lowbit.compile mirrors torch.compile
+    model: nn.Module,
+    example: dict | torch.Tensor | None = None,
+    *,
+    dynamic: bool | None = None,
+    mode: str | None = None,
+) -> nn.Module:
+    """``torch.compile`` for a lowbit-quantized (or float) model; ``example`` (keyword inputs or a
+    tensor) is run eagerly first so the kernels' weight layouts exist before tracing.
+
+    ``dynamic=None`` lets torch decide after the first shape change (no recompile per length).
+    Raises UnsupportedError where torch.compile is unavailable (e.g. Python builds without it)."""
+    if not hasattr(torch, "compile"):
+        raise UnsupportedError("torch.compile is not available in this torch build; run the model eagerly")
+    prepare_kernels(model, example)
+    model.eval()
+    compiled = torch.compile(model, dynamic=dynamic, mode=mode)
+    return compiled
+
+
+def quantized_layers(model: nn.Module) -> int:
+    """Number of lowbit quantized layers in ``model`` (0 for a float model)."""
+    return sum(isinstance(m, QModule) for m in model.modules())
