@@ -23,13 +23,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import kernels_weightonly as wo  # noqa: E402
-
-from lowbit import kernels  # noqa: E402
-from lowbit.evaluation.latency import latency  # noqa: E402
-from lowbit.nn import QLinear  # noqa: E402
-from lowbit.presets import get_preset  # noqa: E402
-from lowbit.tensor import QTensor  # noqa: E402
+import kernels_weightonly as wo
+from lowbit import kernels
+from lowbit.evaluation.latency import latency
+from lowbit.nn import QLinear
+from lowbit.presets import get_preset
+from lowbit.tensor import QTensor
 
 W8A8_KERNELS = ("cpu-int8", "cpu-int8-portable")
 

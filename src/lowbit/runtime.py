@@ -28,7 +28,7 @@ def prepare_kernels(model: nn.Module, example: dict | torch.Tensor | None = None
             model(example)
 
 
-def compile(  # noqa: A001 - lowbit.compile mirrors torch.compile
+def compile(
     model: nn.Module,
     example: dict | torch.Tensor | None = None,
     *,
