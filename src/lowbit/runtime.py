@@ -44,8 +44,20 @@ def compile(
         raise UnsupportedError("torch.compile is not available in this torch build; run the model eagerly")
     prepare_kernels(model, example)
     model.eval()
-    compiled = torch.compile(model, dynamic=dynamic, mode=mode)
-    return compiled
+    return torch.compile(model, dynamic=dynamic, mode=mode, options=compile_options())
+
+
+def compile_options() -> dict:
+    """Inductor options for inference on CPU: the C++ wrapper (less Python per call) and no guards
+    on module attributes (a frozen inference model does not change them; re-run ``compile``
+    after editing the model). Measured on MiniLM 1 x 32: 4.4 -> 3.3 ms."""
+    options: dict = {}
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip is not None:
+        options["guard_filter_fn"] = skip
+    if not torch.cuda.is_available():
+        options["cpp_wrapper"] = True
+    return options
 
 
 def quantized_layers(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ outputs differ from the reference kernel only by float summation order.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,18 @@ from . import native_available, prepacked, register_kernel
 # Activation rows (tokens, pixels) from which oneDNN's int8 matmul beats the weight-streaming
 # GEMM (bench/kernels_int8.py measures both; at 4096x4096 they cross between 16 and 32 rows).
 ONEDNN_MIN_ROWS = 24
+# Small layers (e.g. MiniLM's 384-wide ones) stay on the native GEMM up to ONEDNN_SMALL_MIN_ROWS:
+# oneDNN's per-call cost dominates there (bench/models.py: 1 x 32 tokens 3.7 -> 2.5 ms).
+ONEDNN_SMALL_MIN_ROWS = 64
+ONEDNN_LARGE_WEIGHT = 1 << 21  # N * K from which a layer counts as large
+
+
+def use_onednn(rows: int, weight_shape: tuple[int, ...]) -> bool:
+    """oneDNN's int8 matmul for many rows; the weight-streaming native GEMM below."""
+    large = weight_shape[0] * math.prod(weight_shape[1:]) >= ONEDNN_LARGE_WEIGHT
+    return rows >= (ONEDNN_MIN_ROWS if large else ONEDNN_SMALL_MIN_ROWS)
+
+
 INT8 = Int(8)
 UINT8 = Int(8, symmetric=False)
 
@@ -215,7 +228,7 @@ def native_linear_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T + b over the last dimension of ``x`` (any leading shape): one native call."""
     weight = packed_weight(module)
     rows = x.numel() // x.shape[-1]
-    onednn = onednn_linear_weight(module) if rows >= ONEDNN_MIN_ROWS else None
+    onednn = onednn_linear_weight(module) if use_onednn(rows, module.weight_shape) else None
     x_scale, x_zero = _static_params(module)
     return torch.ops.lowbit.w8a8_linear(
         x,
