@@ -20,6 +20,8 @@ import time
 import torch
 
 import lowbit
+import lowbit.kernels
+import lowbit.nn
 from lowbit import data
 from lowbit.evaluation.embedding import nearest_neighbours, sentence_embeddings
 from lowbit.evaluation.latency import latency

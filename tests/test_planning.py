@@ -168,61 +168,9 @@ def test_targets_accept_what_their_kernels_run():
     assert get_target("edge").check({"a": scheme("w4-g128"), "b": scheme("fp16")}).keys() == {"a", "b"}
 
 
-def test_cli_plan_on_minilm_writes_a_recipe_that_quantizes(tmp_path):
-    env = {"LOWBIT_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    import os
-
-    env = {**os.environ, **env}
-    out = tmp_path / "plan.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lowbit",
-            "plan",
-            "builtin:minilm",
-            "--avg-bits",
-            "6",
-            "--candidates",
-            "w8-weight,w4-g128",
-            "--samples",
-            "2",
-            "--out",
-            str(out),
-            "--json",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert result["plan"]["bits_per_weight"] <= 6.0
-    assert set(result["plan"]["counts"]) <= {"w8-weight", "w4-g128"}
-    verified = result["verification"]
-    assert verified["mean_cosine"] > 0.95 and verified["bits_per_weight"] <= 6.5
-    recipe = lowbit.Recipe.from_dict(json.loads(out.read_text()))
-    assert len(recipe.rules) == len(result["plan"]["choices"])
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lowbit",
-            "plan",
-            "builtin:minilm",
-            "--avg-bits",
-            "4",
-            "--max-drop",
-            "0.1",
-            "--out",
-            str(tmp_path / "x.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert bad.returncode == 2 and "exactly one budget" in bad.stderr
+def test_cli_plan_refuses_two_budgets_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lowbit", "plan", "builtin:minilm", "--avg-bits", "4",
+                           "--max-drop", "0.1", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "exactly one budget" in proc.stderr
     assert not (tmp_path / "x.json").exists()

@@ -28,3 +28,23 @@ def test_compiled_int8_dynamic_matches_eager():
             # the same integer kernels; Inductor may reorder float ops around them
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     assert torch.allclose(eager, model(**batch).last_hidden_state)
+
+
+def test_two_compiled_models_of_one_class_keep_their_own_graphs():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    models = []
+    for seed, recipe in ((0, "int8-dynamic-rtn"), (1, "w4-g128")):
+        torch.manual_seed(seed)
+        model = BertModel(cfg).eval()
+        lowbit.quantize(model, recipe)
+        models.append(model)
+    batch = {"input_ids": torch.randint(0, 60, (2, 20)), "attention_mask": torch.ones(2, 20, dtype=torch.long)}
+    with torch.inference_mode():
+        compiled = [lowbit_compile(m, batch) for m in models]
+        for model, fast in zip(models, compiled, strict=True):
+            want = model(**batch).last_hidden_state
+            got = fast(**batch).last_hidden_state
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
