@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedError
+from .nn import QModule
 
 
 def prepare_kernels(model: nn.Module, example: dict | torch.Tensor | None = None) -> None:
@@ -58,3 +59,8 @@ def compile_options() -> dict:
     saves about 0.7 ms per MiniLM call but lets a second model of the same class reuse the first
     one's graph, which gives wrong results."""
     return {} if torch.cuda.is_available() else {"cpp_wrapper": True}
+
+
+def quantized_layers(model: nn.Module) -> int:
+    """Number of lowbit quantized layers in ``model`` (0 for a float model)."""
+    return sum(isinstance(m, QModule) for m in model.modules())
