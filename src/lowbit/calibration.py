@@ -107,6 +107,8 @@ class _Collector:
         self.module, self.kinds, self.max_samples = module, kinds, max_samples
         self.stats = LayerStats()
         self.gen = torch.Generator().manual_seed(seed)
+        self._reservoir: torch.Tensor | None = None
+        self._peaks: torch.Tensor | None = None
         if "range" in kinds:
             self.stats.observer = RangeObserver(act.range, act.resolved_granularity, seed=seed)
 
@@ -133,17 +135,26 @@ class _Collector:
         stats.rows_seen += rows.shape[0]
 
     def _sample(self, rows: torch.Tensor) -> None:
-        """Reservoir-style: keep at most ``max_samples`` rows, each seen row equally likely."""
-        stats, cap = self.stats, self.max_samples
-        seen, new = stats.rows_seen, rows.shape[0]
-        if stats.samples is None or stats.samples.shape[0] + new <= cap:
+        """Reservoir-style: keep at most ``max_samples`` rows, each seen row equally likely, plus
+        the ``max_samples // 32`` rows of largest magnitude seen (attention-sink tokens and
+        other rare massive activations dominate output error yet are easily missed by chance)."""
+        cap, seen, new = self.max_samples, self.stats.rows_seen, rows.shape[0]
+        pool = self._reservoir
+        if pool is None or pool.shape[0] + new <= cap:
             pick = rows[torch.randperm(new, generator=self.gen)[:cap]]
-            stats.samples = pick if stats.samples is None else torch.cat([stats.samples, pick])
-            return
-        keep_old = min(stats.samples.shape[0], round(cap * seen / (seen + new)))
-        old = stats.samples[torch.randperm(stats.samples.shape[0], generator=self.gen)[:keep_old]]
-        fresh = rows[torch.randperm(new, generator=self.gen)[: cap - keep_old]]
-        stats.samples = torch.cat([old, fresh])
+            pool = pick if pool is None else torch.cat([pool, pick])
+        else:
+            keep_old = min(pool.shape[0], round(cap * seen / (seen + new)))
+            old = pool[torch.randperm(pool.shape[0], generator=self.gen)[:keep_old]]
+            fresh = rows[torch.randperm(new, generator=self.gen)[: cap - keep_old]]
+            pool = torch.cat([old, fresh])
+        self._reservoir = pool
+        peaks = rows if self._peaks is None else torch.cat([self._peaks, rows])
+        n_peaks = max(1, cap // 32)
+        if peaks.shape[0] > n_peaks:
+            peaks = peaks[peaks.abs().amax(dim=1).topk(n_peaks).indices]
+        self._peaks = peaks.clone()
+        self.stats.samples = torch.cat([pool, self._peaks])
 
 
 def collect_statistics(

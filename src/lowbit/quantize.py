@@ -145,10 +145,11 @@ class _Quantizer:
         self.record.schemes[name] = scheme
         self.record.seconds[name] = time.perf_counter() - start
 
-    def block(self, block: nn.Module, prefix: str, stats: dict, inputs: dict, norm_outputs: dict, calls) -> None:
-        """Quantize one block's layers; AWQ layers reading the same input share their scales,
-        which are then folded into the producing norm where that leaves the block unchanged."""
-        names = [n for n in self.plan if n.startswith(prefix)]
+    def block(
+        self, block: nn.Module, prefix: str, names: list[str], stats: dict, inputs: dict, norm_outputs: dict, calls
+    ) -> None:
+        """Quantize the named layers of one block; AWQ layers reading the same input share their
+        scales, which are then folded into the producing norm where that leaves the block unchanged."""
         groups: dict[int, list[str]] = {}
         for name in names:
             if self.plan[name].algorithm == "awq" and name in inputs:

@@ -3,7 +3,9 @@
 The blocks are found from the module tree (the longest ModuleList of same-class modules), so
 no per-model driver is needed. The inputs of block 0 are recorded once; then for each block:
 collect its layers' statistics from its inputs, quantize its layers, and run the quantized
-block to make the next block's inputs. Only one block's statistics exist at a time.
+block to make the next block's inputs. Inside a block, layers that read the same tensor form a
+stage, quantized before the next stage's statistics are taken ("true sequential"). Only one
+stage's statistics exist at a time.
 """
 
 from __future__ import annotations
@@ -178,6 +180,35 @@ def fold_into_norm(block: nn.Module, prefix: str, norm_name: str, layers: list[s
     return False
 
 
+def block_stages(block: nn.Module, prefix: str, names: list[str], call: Call) -> list[list[str]]:
+    """The block's layers grouped by the input tensor they read, in execution order (e.g. q/k/v,
+    then o, then gate/up, then down): each stage is quantized before the next one's statistics
+    are taken, so later layers calibrate on the inputs the quantized layers really produce."""
+    seen: dict[int, list[str]] = {}
+    keep: list[torch.Tensor] = []  # keeps inputs alive so their ids stay unique
+    handles = []
+    for name in names:
+
+        def record(module, args, name=name):
+            keep.append(args[0])
+            seen.setdefault(id(args[0]), []).append(name)
+
+        handles.append(block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(record))
+    try:
+        with torch.inference_mode():
+            run_block(block, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages, placed = [], set()
+    for members in seen.values():
+        fresh = [m for m in dict.fromkeys(members) if m not in placed]
+        placed.update(fresh)
+        if fresh:
+            stages.append(fresh)
+    return stages
+
+
 def run_sequential(
     model: nn.Module,
     blocks: tuple[str, nn.ModuleList],
@@ -187,7 +218,9 @@ def run_sequential(
     quantize_block: Callable[..., None],
     progress: Callable[[str, int, int], None] | None = None,
 ) -> None:
-    """Quantize the layers inside ``blocks`` one block at a time (``quantize_block`` swaps them)."""
+    """Quantize the layers inside ``blocks`` one block at a time, and inside a block one stage
+    (layers sharing an input) at a time; ``quantize_block(block, prefix, names, stats, inputs,
+    norm_outputs, calls)`` swaps the named layers."""
     blocks_name, module_list = blocks
     calls = capture_inputs(model, blocks_name, batches)
     for index, block in enumerate(module_list):
@@ -196,7 +229,16 @@ def run_sequential(
             progress(f"block {index + 1}/{len(module_list)}", index, len(module_list))
         block_needs = {name: kinds for name, kinds in needs.items() if name.startswith(prefix)}
         if block_needs:
-            stats, inputs, norm_outputs = block_statistics(block, prefix, block_needs, plan, calls)
-            quantize_block(block, prefix, stats, inputs, norm_outputs, calls)
+            layers = [name for name in plan if name.startswith(prefix)]
+            stages = block_stages(block, prefix, layers, calls[0])
+            staged = {name for stage in stages for name in stage}
+            unseen = [name for name in layers if name not in staged]  # never called: no statistics
+            for number, stage in enumerate(stages):
+                stage_needs = {name: block_needs[name] for name in stage if name in block_needs}
+                stats, inputs, norm_outputs = {}, {}, {}
+                if any(stage_needs.values()):
+                    stats, inputs, norm_outputs = block_statistics(block, prefix, stage_needs, plan, calls)
+                names = stage + unseen if number == len(stages) - 1 else stage
+                quantize_block(block, prefix, names, stats, inputs, norm_outputs, calls)
         with torch.inference_mode():
             calls = [_with_hidden(call, run_block(block, call)) for call in calls]

@@ -117,3 +117,28 @@ def test_outlier_channels_are_limited_and_sorted():
     absmax = torch.tensor([1.0, 9.0, 2.0, 30.0, 7.0, 0.5])
     assert outlier_channels(absmax, 6.0, 1.0).tolist() == [1, 3, 4]
     assert outlier_channels(absmax, 6.0, 0.34).tolist() == [1, 3]  # at most 2 of 6: the largest
+
+
+def test_hqq_refinement_never_raises_the_per_group_weight_error_over_rtn():
+    from lowbit.algorithms.hqq import fit_affine, hqq_quantize
+    from lowbit.spec import QuantSpec
+    from lowbit.tensor import QTensor
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.rand(16, 1)
+    w[3, 7] = 9.0  # an outlier group
+    spec = QuantSpec.from_dict({"format": "int3-asym", "granularity": "group:64", "scale_dtype": "float16"})
+    rtn = QTensor.quantize(w, spec).dequantize().float()
+    for refine, protect in ((0, False), (4, False), (4, True)):
+        hqq = hqq_quantize(w, spec, refine=refine, protect=protect).dequantize().float()
+        err_rtn = ((w - rtn) ** 2).reshape(16, 4, 64).sum(-1)
+        err_hqq = ((w - hqq) ** 2).reshape(16, 4, 64).sum(-1)
+        assert (err_hqq <= err_rtn * (1 + 1e-3) + 1e-6).all(), (refine, protect)
+    # least squares recovers an exact affine grid
+    gran = spec.granularity
+    codes = torch.randint(0, 8, (4, 128)).float()
+    scale, zero = torch.tensor([[0.5, 2.0]] * 4), torch.tensor([[3.25, 1.5]] * 4)
+    w_exact = (codes - gran.expand(zero, codes.shape)) * gran.expand(scale, codes.shape)
+    fitted_s, fitted_z = fit_affine(w_exact, codes, gran, torch.ones(4, 2), torch.zeros(4, 2))
+    torch.testing.assert_close(fitted_s, scale, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fitted_z, zero, rtol=1e-4, atol=1e-4)

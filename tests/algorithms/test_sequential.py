@@ -158,3 +158,38 @@ def test_outliers_and_bias_correction_through_quantize():
     with torch.no_grad():
         out, ref = net(x), ref.detach()
     assert float((out - ref).mean(dim=0).abs().max()) < 0.05 * float(ref.abs().mean())  # mean shift removed
+
+
+def test_block_stages_group_layers_by_shared_input_in_execution_order():
+    from lowbit.sequential import block_stages
+
+    model = tiny_llama()
+    blocks_name, blocks = find_blocks(model)
+    calls = capture_inputs(model, blocks_name, batches(model.config.vocab_size, n=1))
+    prefix = f"{blocks_name}.0."
+    names = [f"{prefix}{n}" for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    stages = block_stages(blocks[0], prefix, names, calls[0])
+    short = [[n[len(prefix) :] for n in stage] for stage in stages]
+    assert short == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+def test_calibration_samples_always_keep_the_rare_massive_rows():
+    from lowbit.calibration import _Collector
+    from lowbit.recipe import ActivationSpec
+
+    layer = torch.nn.Linear(8, 4)
+    collector = _Collector(layer, {"samples"}, ActivationSpec(), max_samples=64, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(50):  # 50 batches of 32 rows; one row in the whole stream is huge
+        rows = torch.randn(32, 8, generator=gen)
+        if step == 17:
+            rows[5, 3] = 1000.0
+        collector(layer, (rows,))
+    samples = collector.stats.samples
+    assert samples.shape[0] == 64 + 2  # the reservoir plus max_samples // 32 peak rows
+    assert float(samples.abs().max()) == 1000.0

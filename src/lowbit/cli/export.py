@@ -26,7 +26,14 @@ def exporter(fmt: str):
     if fmt not in EXPORTERS:
         known = ", ".join(sorted(EXPORTERS))
         raise SpecError(f"unknown export format {fmt!r}; choose one of: {known}")
-    module = importlib.import_module(EXPORTERS[fmt][0])
+    name = EXPORTERS[fmt][0]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        raise SpecError(
+            f"export to {fmt} needs {err.name}, which is not installed; "
+            "install lowbit with its export extras (see README)"
+        ) from err
     return module.export
 
 
