@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,6 +54,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=list(WEIGHT_FORMATS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--w8a8", nargs="*", default=list(W8A8))
+    parser.add_argument(
+        "--out", type=Path, help="also write the JSON here after every scheme (partial results survive)"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -81,19 +86,39 @@ def main() -> None:
         lowbit.quantize(loaded, rec, calib=calib)
         seconds = time.perf_counter() - start
         result = evaluate(loaded.model)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append(
-            {"scheme": scheme, "method": method, "perplexity": result["perplexity"], "quantize_seconds": seconds}
+            {
+                "scheme": scheme,
+                "method": method,
+                "perplexity": result["perplexity"],
+                "quantize_seconds": seconds,
+                "process_peak_rss_mb": round(peak_mb),
+            }
         )
-        log(f"{scheme} {method} {result['perplexity']:.3f} ({seconds:.0f} s)")
-    out = {
+        log(f"{scheme} {method} {result['perplexity']:.3f} ({seconds:.0f} s, peak RSS so far {peak_mb:.0f} MB)")
+        if args.out is not None:
+            write(args.out, summary(rows, result, args))
+    json.dump(summary(rows, result, args), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def summary(rows: list[dict], result: dict, args) -> dict:
+    """The JSON object: rows so far plus the settings they were measured with."""
+    return {
         "model": "builtin:smollm2-135m",
         "eval": {"data": "wikitext-2 test", "tokens": result["tokens"], "seq_len": args.seq_len},
         "calibration": {"data": "wikitext-2 valid", "samples": args.calib_samples, "seq_len": args.seq_len},
         "rows": rows,
         "torch_threads": torch.get_num_threads(),
+        "note": "process_peak_rss_mb is the whole process's peak up to that row (ru_maxrss), an upper bound",
     }
-    json.dump(out, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+
+
+def write(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

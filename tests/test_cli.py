@@ -49,3 +49,21 @@ def test_version_and_help():
     assert run("--version").stdout.startswith("lowbit ")
     help_text = run("--help").stdout
     assert "demo" in help_text and "formats" in help_text
+
+
+def test_every_command_help_has_an_example_and_keeps_its_default_text():
+    import os
+
+    env = {**os.environ, "COLUMNS": "200"}
+    commands = ["formats", "demo", "recipes", "quantize", "eval", "export", "sensitivity", "plan"]
+    for command in commands:
+        out = subprocess.run(
+            [sys.executable, "-m", "lowbit", command, "--help"], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert out.returncode == 0 and "Example" in out.stdout, command
+    export_help = subprocess.run(
+        [sys.executable, "-m", "lowbit", "export", "--help"], capture_output=True, text=True, env=env, timeout=120
+    ).stdout
+    assert "(default: beside SOURCE)" in export_help  # rich markup must not swallow it
+    typo = run("quantise")
+    assert typo.returncode == 2 and "Did you mean 'quantize'" in typo.stderr

@@ -124,12 +124,12 @@ def quantize_cmd(
         str, typer.Option("--recipe", "-r", help="Preset name (see `lowbit recipes`) or a JSON/YAML recipe file.")
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output directory [default: ./lowbit-out/<model>-<recipe>].")
+        Path | None, typer.Option("--out", "-o", help="Output directory (default: ./lowbit-out/<model>-<recipe>).")
     ] = None,
     calib: Annotated[
         str | None,
         typer.Option(
-            "--calib", help="Calibration text file or image folder [default: WikiText-2 valid / sample photos]."
+            "--calib", help="Calibration text file or image folder (default: WikiText-2 valid / sample photos)."
         ),
     ] = None,
     samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
@@ -180,11 +180,11 @@ def eval_cmd(
     data: Annotated[
         str | None,
         typer.Option(
-            help="Text file / image set [default per task: WikiText-2 test, WikiText-2 sentences, sample photos]."
+            help="Text file / image set (default per task: WikiText-2 test, WikiText-2 sentences, sample photos)."
         ),
     ] = None,
     reference: Annotated[
-        str | None, typer.Option(help="Float model to compare with [default: the checkpoint's source model].")
+        str | None, typer.Option(help="Float model to compare with (default: the checkpoint's source model).")
     ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Perplexity: evaluate only the first N tokens.")] = None,
     seq_len: Annotated[int, typer.Option(help="Perplexity: window length.")] = 512,

@@ -43,7 +43,7 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="onnx | gguf | hf.")],
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Output file (onnx, gguf) or directory (hf) [default: beside SOURCE]."),
+        typer.Option("--out", "-o", help="Output file (onnx, gguf) or directory (hf) (default: beside SOURCE)."),
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:

@@ -14,8 +14,8 @@ from .app import JsonFlag, app, emit, stderr
 Candidates = Annotated[
     str | None,
     typer.Option(
-        help="Comma-separated preset names to choose from [default: fp16,w8-weight,w4-g128,w3-g128,"
-        "w2-g64,nf4-g64,w4-g128-2of4]."
+        help="Comma-separated preset names to choose from (default: fp16,w8-weight,w4-g128,w3-g128,"
+        "w2-g64,nf4-g64,w4-g128-2of4)."
     ),
 ]
 TargetOption = Annotated[str | None, typer.Option(help="x86 | arm | cuda | edge: only schemes it runs fast.")]
