@@ -123,6 +123,8 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
     plan, dense = _plan(layers)
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = quantization_config(loaded.model, plan)
+    if not config.get("architectures"):  # e.g. a model converted from GGUF: name the class for Auto* loaders
+        config["architectures"] = [type(loaded.model).__name__]
     tensors = _tensors(loaded.model, layers, plan, dense)
     with atomic_dir(out) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
