@@ -16,7 +16,12 @@ from lowbit.errors import LowbitError
 from lowbit.export.hf import export
 from lowbit.export.hf import load as load_hf
 
-SYM_W4 = {"name": "w4-sym-g128", "rules": [{"types": ["Linear"], "weight": {"format": "int4", "granularity": "group:128", "scale_dtype": "float16"}}]}  # fmt: skip
+SYM_W4 = {
+    "name": "w4-sym-g128",
+    "rules": [
+        {"types": ["Linear"], "weight": {"format": "int4", "granularity": "group:128", "scale_dtype": "float16"}}
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +202,13 @@ def _write_gptq(path, tiny_llama_dir, sym: bool, act_order: bool = False, bits: 
         expected[name] = w.t()
     save_file(tensors, path / "model.safetensors")
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": act_order}  # fmt: skip
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group,
+        "sym": sym,
+        "desc_act": act_order,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return expected
 
@@ -237,7 +248,7 @@ def test_bad_input_is_refused(checkpoints, tiny_llama_dir, tmp_path):
     export(checkpoints["w8-weight"], corrupt)
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(LowbitError, match="truncated|corrupt"):
+    with pytest.raises(LowbitError, match=r"truncated|corrupt"):
         load_hf(corrupt)
 
 
@@ -269,7 +280,15 @@ def test_smollm2_w4_export_matches_in_transformers(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     loaded = lowbit.load_model("builtin:smollm2-135m")
-    w4_g64 = {"name": "w4-g64", "rules": [{"types": ["Linear"], "weight": {"format": "int4-asym", "granularity": "group:64", "scale_dtype": "float16"}}]}  # fmt: skip
+    w4_g64 = {
+        "name": "w4-g64",
+        "rules": [
+            {
+                "types": ["Linear"],
+                "weight": {"format": "int4-asym", "granularity": "group:64", "scale_dtype": "float16"},
+            }
+        ],
+    }
     lowbit.quantize(loaded.model, Recipe.from_dict(w4_g64))
     ckpt = lowbit.save(loaded, tmp_path / "ckpt")
     info = export(ckpt, tmp_path / "hf")
