@@ -289,6 +289,12 @@ def load_model(spec: str | Path | nn.Module, module: nn.Module | None = None, ki
             return load(path)
         if not (path / "config.json").exists():
             raise ModelError(f"{path}: not a model directory (no config.json or lowbit.json found)")
+        from .export.hf_import import METHODS, quant_method
+
+        if quant_method(path) in METHODS:  # compressed-tensors / GPTQ: read the integers as they are
+            from .export.hf_import import load as load_quantized_hf
+
+            return load_quantized_hf(path)
         return load_hf_dir(path, kind=kind)
     if path.suffix != ".safetensors":
         raise ModelError(f"{path}: unsupported file type {path.suffix!r}; lowbit reads .safetensors")
