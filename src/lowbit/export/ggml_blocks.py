@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from ..formats import Codebook, Float, Int, NormalFloat
-from ..primitives import FP16_MAX, FP16_NORMAL_MIN, QParams, quantize
+from ..primitives import FP16_MAX, FP16_NORMAL_MIN, QParams, channel_rows, quantize
 from ..tensor import QTensor
 
 BLOCK = 32
@@ -248,7 +248,7 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
 
 def _q6_k(w: torch.Tensor) -> np.ndarray:
     """Round-to-nearest Q6_K with lowbit's primitives: int6 (full range) per 16, int8 sub-scales."""
-    rows, cols = w.shape
+    rows = w.shape[0]
     x = w.reshape(-1, 16)
     fmt = Int(6, symmetric=True, full_range=True)
     s = torch.maximum(x.amax(dim=1).clamp(min=0) / fmt.qmax, x.amin(dim=1).clamp(max=0) / fmt.qmin)
@@ -256,7 +256,7 @@ def _q6_k(w: torch.Tensor) -> np.ndarray:
     d = _f16(s.amax(dim=1) / 127)
     sc = torch.where(d[:, None] > 0, torch.round(s / d[:, None].clamp(min=1e-30)), torch.zeros_like(s)).clamp(0, 127)
     real = (d[:, None] * sc).reshape(-1, 1)
-    codes = quantize(x, fmt, QParams(scale=torch.where(real > 0, real, torch.ones_like(real))))
+    codes = quantize(x, fmt, QParams(scale=torch.where(real > 0, real, torch.ones_like(real))), channel_rows())
     codes = torch.where(real > 0, codes, torch.full_like(codes, -fmt.qmin))  # all-zero sub-block -> 0
     out = _pack_q6_k(codes.reshape(-1, SUPER).numpy(), sc.numpy(), d.numpy())
     return out.reshape(rows, -1)
@@ -264,7 +264,7 @@ def _q6_k(w: torch.Tensor) -> np.ndarray:
 
 def _q4_k(w: torch.Tensor) -> np.ndarray:
     """Round-to-nearest Q4_K: asymmetric int4 per 32 (min <= 0), 6-bit scales and mins."""
-    rows, cols = w.shape
+    rows = w.shape[0]
     x = w.reshape(-1, BLOCK)
     lo, hi = x.amin(dim=1).clamp(max=0), x.amax(dim=1).clamp(min=0)
     s, mins = ((hi - lo) / 15).reshape(-1, 8), (-lo).reshape(-1, 8)
@@ -273,7 +273,7 @@ def _q4_k(w: torch.Tensor) -> np.ndarray:
     mn = torch.round(mins / dmin[:, None].clamp(min=1e-30)).clamp(0, 63)
     real_s, real_m = (d[:, None] * sc).reshape(-1, 1), (dmin[:, None] * mn).reshape(-1, 1)
     safe = torch.where(real_s > 0, real_s, torch.ones_like(real_s))
-    codes = quantize(x, Int(4, symmetric=False), QParams(scale=safe, zero_point=real_m / safe))
+    codes = quantize(x, Int(4, symmetric=False), QParams(scale=safe, zero_point=real_m / safe), channel_rows())
     out = _pack_q4_k(codes.reshape(-1, SUPER).numpy(), sc.numpy(), mn.numpy(), d.numpy(), dmin.numpy())
     return out.reshape(rows, -1)
 

@@ -55,6 +55,8 @@ def _options(options: dict[str, Any]) -> dict[str, str]:
 
 def _encode(name: str, weight: Weight, opts: dict[str, str]) -> Encoded:
     """The ggml form of one tensor: its exact grid, a re-quantized fallback, or a float."""
+    if weight.float_type:
+        return ggml_blocks.float_tensor(weight.value, weight.float_type)
     if weight.grid is not None and weight.grid.fits_f16():
         return ggml_blocks.pack(weight.grid)
     if weight.grid is not None:

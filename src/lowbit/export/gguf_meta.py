@@ -64,12 +64,12 @@ def add_hparams(writer: gguf.GGUFWriter, config: Any, name: str) -> None:
 
 
 def _pre_tokenizer(spec: dict[str, Any] | None) -> str:
-    """llama.cpp's name for the pre-tokenizer: 'gpt2' for a plain byte-level regex split,
+    """llama.cpp's name for the pre-tokenizer: 'gpt-2' for a plain byte-level regex split,
     'smollm' when digits are split one by one first (SmolLM's original tokenizer)."""
     if not spec:
         return "default"
     if spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     parts = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else []
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex")) for p in parts]
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
+from ..formats import Float
 from ..nn import QModule
 from . import ggml_blocks
 from .ggml_blocks import Grid
@@ -26,11 +27,12 @@ class Weight:
     value: torch.Tensor
     grid: Grid | None = None
     why: str = ""
-    source: str = ""  # lowbit layout, e.g. 'int4/group:32' ('' for float tensors)
+    source: str = ""  # lowbit layout, e.g. 'int4/group' ('' for float tensors)
+    float_type: str = ""  # 'f16' / 'bf16' for weights lowbit stores as that float type
 
     def permute_rows(self, order: torch.Tensor) -> Weight:
         grid = None if self.grid is None else self.grid.permute_rows(order)
-        return Weight(self.value[order], grid, self.why, self.source)
+        return Weight(self.value[order], grid, self.why, self.source, self.float_type)
 
     def scale_rows(self, factor: torch.Tensor) -> None:
         self.value = self.value * factor.float().reshape(-1, *([1] * (self.value.dim() - 1)))
@@ -54,6 +56,8 @@ def _weight_of(module: nn.Module, folded: bool = False) -> Weight:
     if not isinstance(module, QModule):
         return Weight(module.weight.detach().float())
     qt = module.qweight
+    if isinstance(qt.fmt, Float) and not qt.fmt.scaled and module.input_smooth is None and module.outlier_index is None:
+        return Weight(qt.dequantize(torch.float32), float_type=qt.fmt.dtype)
     weight = Weight(qt.dequantize(torch.float32), source=f"{module.layout}")
     weight.grid, weight.why = ggml_blocks.grid_of(qt)
     if module.input_smooth is not None and not folded:
