@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import SpecError
+from ..io import check_replaceable
 from .app import JsonFlag, app, emit, stderr
 
 
@@ -106,7 +107,9 @@ def recipes(as_json: JsonFlag = False) -> None:
 
 
 def _check_out_dir(model: str, out: Path) -> None:
-    """Refuse an output directory that is, or lies inside, the input model directory."""
+    """Refuse an output directory that is, or lies inside, the input model directory, or that
+    holds something other than an earlier lowbit checkpoint."""
+    check_replaceable(out, "lowbit.json", "lowbit checkpoint")
     src = Path(model)
     if not model.startswith("builtin:") and src.exists():
         src_dir = src if src.is_dir() else src.parent

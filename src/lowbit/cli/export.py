@@ -52,8 +52,10 @@ def export_cmd(
     Example: lowbit export minilm-int8 --format onnx --out minilm-int8.onnx
     """
     export = exporter(fmt)
-    if not source.is_dir():
-        raise SpecError(f"{source} is not a lowbit checkpoint directory; make one with `lowbit quantize`")
+    if not source.is_dir() or not (source / "lowbit.json").is_file():
+        raise SpecError(
+            f"{source} is not a lowbit checkpoint directory (no lowbit.json); make one with `lowbit quantize`"
+        )
     out = out or source.with_name(source.name + EXPORTERS[fmt][1])
     try:
         out.resolve().relative_to(source.resolve())

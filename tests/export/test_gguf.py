@@ -156,7 +156,7 @@ def q4_export(tmp_path_factory):
 
 
 def test_tiny_llama_reads_back_exactly(q4_export):
-    ck, out, report, model = q4_export
+    _, out, report, model = q4_export
     assert report["tensor_types"] == {"Q4_0": 14, "F32": 6}  # 2 x 7 linears; norms x 5 + tied embedding
     assert report["exact"] == 14 and not report["rounded"] and not report["requantized"]
     assert report["bytes"] == out.stat().st_size
