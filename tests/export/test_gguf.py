@@ -280,3 +280,18 @@ def test_llama_cpp_runs_the_export(q4_export):
     # llama.cpp quantizes activations to 8 bits for Q4_0 dot products: close, not equal
     assert torch.allclose(got, want, atol=0.05 * float(want.abs().max()))
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_cli_export_options(q4_export, tmp_path, capsys):
+    from lowbit.cli import main
+
+    for option, message in [("bits=4", "unknown option"), ("fallback", "KEY=VALUE"), ("fallback=q3_k", "fallback")]:
+        with pytest.raises(SystemExit) as done:
+            main(
+                ["export", str(q4_export[0]), "--format", "gguf", "--out", str(tmp_path / "o.gguf"), "--option", option]
+            )
+        assert done.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.gguf").exists()
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(q4_export[0]), "-f", "gguf", "-o", str(tmp_path / "o.gguf"), "--option", "float_type=f32"])
+    assert done.value.code in (0, None) and (tmp_path / "o.gguf").exists()
