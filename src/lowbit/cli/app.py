@@ -27,7 +27,11 @@ QuietFlag = Annotated[
 
 
 def emit(data: dict, as_json: bool, table: Table | None) -> None:
-    """One JSON object on stdout with --json, else the rich table."""
+    """One JSON object on stdout with --json, else the rich table (rank 0 only under torchrun)."""
+    from .. import distributed
+
+    if not distributed.is_main():
+        return
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, default=float) + "\n")
     elif table is not None:

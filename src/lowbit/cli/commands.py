@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .. import distributed
 from ..errors import SpecError
 from ..io import check_replaceable
 from .app import JsonFlag, QuietFlag, app, emit, stderr
@@ -163,7 +164,9 @@ def quantize_cmd(
     batches = calibration_data(loaded, calib, samples, seq_len) if resolved.needs_calibration else None
     with bars(quiet) as bar:
         quantize(loaded, resolved, batches, progress=bar("quantize"))
-    save(loaded, out)
+    if distributed.is_main():  # under torchrun every rank quantizes the same way; one writes
+        save(loaded, out)
+    distributed.barrier()
     size = model_size(loaded.model)
     result = {
         "model": model,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .. import distributed
 from .app import JsonFlag, QuietFlag, app, emit
 from .progress import bars
 
@@ -47,7 +48,7 @@ def sensitivity(
     loaded = load_model(model)
     with bars(quiet) as bar:
         table = measure(loaded, _candidates(candidates), target, samples, bar("sensitivity"))
-    if out is not None:
+    if out is not None and distributed.is_main():
         write_json(out, table)
     view = Table(title=f"{model}: damage ({table['metric']}) when only this layer is quantized")
     view.add_column("layer")
@@ -97,7 +98,9 @@ def plan(
         table = sensitivity(loaded, _candidates(candidates), target, samples, bar("sensitivity"))
     result = make_plan(loaded, table, budget_mb=budget_mb, avg_bits=avg_bits, max_drop=max_drop)
     result["target"] = target
-    write_json(out, result["recipe"])
+    if distributed.is_main():
+        write_json(out, result["recipe"])
+    distributed.barrier()
     result["recipe_file"] = str(out)
     if verify:
         result["verification"] = check(model, result["recipe"], loaded.kind, result["plan"]["predicted_damage"])

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data import encoder_batches
 from ..errors import DataError, ModelError
 from .perplexity import model_device
@@ -40,14 +41,15 @@ def sentence_embeddings(
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 0:
         max_length = min(max_length, limit)
-    rows = []
-    for batch in encoder_batches(tokenizer, sentences, batch_size, max_length):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    batches = encoder_batches(tokenizer, sentences, batch_size, max_length)
+    rows = {}
+    for index in distributed.mine(len(batches)):  # all batches, or this rank's share under torchrun
+        batch = {k: v.to(device) for k, v in batches[index].items()}
         hidden = _last_hidden_state(model, batch).float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        rows.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-    return torch.cat(rows)
+        rows[index] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+    return torch.cat(distributed.gather(rows, len(batches)))
 
 
 def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:

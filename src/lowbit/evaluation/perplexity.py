@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data import token_stream, wikitext
 from ..errors import DataError, ModelError
 
@@ -74,11 +75,11 @@ def perplexity_of_ids(
         raise DataError(f"perplexity: the text has {ids.numel()} token(s); at least 2 are needed to score one")
     start = time.perf_counter()
     device = model_device(model)
-    nll = torch.zeros((), dtype=torch.float64)
-    scored = 0
     spans = windows(ids.numel(), seq_len, stride)
     top = int(ids.max())
-    for index, (begin, end, first) in enumerate(spans):
+    local: dict[int, torch.Tensor] = {}
+    for index in distributed.mine(len(spans)):  # all windows, or this rank's share under torchrun
+        begin, end, first = spans[index]
         if progress is not None:
             progress(f"window {index + 1}/{len(spans)}", index, len(spans))
         window = ids[begin:end].unsqueeze(0).to(device)
@@ -91,8 +92,11 @@ def perplexity_of_ids(
         # position p predicts token p + 1; the scored tokens are first..end-1 (window-relative)
         predicting = logits[0, first - begin - 1 : end - begin - 1].float()
         targets = window[0, first - begin : end - begin]
-        nll += torch.nn.functional.cross_entropy(predicting, targets, reduction="sum").double().cpu()
-        scored += end - first
+        local[index] = torch.nn.functional.cross_entropy(predicting, targets, reduction="sum").double().cpu()
+    nll = torch.zeros((), dtype=torch.float64)
+    for value in distributed.gather(local, len(spans)):  # summed in window order on every rank
+        nll += value
+    scored = sum(end - first for _, end, first in spans)
     nll_per_token = float(nll) / scored
     return {
         "perplexity": math.exp(nll_per_token),

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..algorithms import as_result, get_algorithm
 from ..calibration import collect_statistics, forward_batch
 from ..errors import SpecError
@@ -158,34 +159,38 @@ def measure(
     plan = {n: schemes[names[0]] for n in layers}
     stats = collect_statistics(model, plan, calib, needs)
     metric = Metric(loaded.kind, model, evaluation)
-    table: dict[str, Any] = {}
-    total, step = len(layers) * len(names), 0
-    for name in layers:
+    pairs = [(name, cand) for name in layers for cand in names]
+    local: dict[int, dict[str, Any]] = {}
+    for index in distributed.mine(len(pairs)):  # every pair, or this rank's share under torchrun
+        name, cand = pairs[index]
+        if progress is not None:
+            progress(f"{name} {cand}", index, len(pairs))
         original = model.get_submodule(name)
-        entry = {
-            "type": type(original).__name__,
-            "shape": list(original.weight.shape),
-            "params": original.weight.numel(),
-            "options": {},
+        quantized = quantize_one(original, name, schemes[cand], stats.get(name))
+        set_submodule(model, name, quantized)
+        try:
+            damage = metric.damage(model)
+        finally:
+            set_submodule(model, name, original)
+        bias = 0 if quantized.bias is None else quantized.bias.numel() * quantized.bias.element_size()
+        local[index] = {
+            "bytes": quantized.qweight.nbytes + bias,
+            "bits_per_weight": 8.0 * quantized.qweight.nbytes / original.weight.numel(),
+            "layer_error": layer_error(original, quantized, stats[name].samples if name in stats else None),
+            "damage": damage,
         }
-        for cand in names:
-            if progress is not None:
-                progress(f"{name} {cand}", step, total)
-            step += 1
-            quantized = quantize_one(original, name, schemes[cand], stats.get(name))
-            set_submodule(model, name, quantized)
-            try:
-                damage = metric.damage(model)
-            finally:
-                set_submodule(model, name, original)
-            bias = 0 if quantized.bias is None else quantized.bias.numel() * quantized.bias.element_size()
-            entry["options"][cand] = {
-                "bytes": quantized.qweight.nbytes + bias,
-                "bits_per_weight": 8.0 * quantized.qweight.nbytes / entry["params"],
-                "layer_error": layer_error(original, quantized, stats[name].samples if name in stats else None),
-                "damage": damage,
+    options = distributed.gather(local, len(pairs))
+    table: dict[str, Any] = {}
+    for (name, cand), option in zip(pairs, options, strict=True):
+        if name not in table:
+            original = model.get_submodule(name)
+            table[name] = {
+                "type": type(original).__name__,
+                "shape": list(original.weight.shape),
+                "params": original.weight.numel(),
+                "options": {},
             }
-        table[name] = entry
+        table[name]["options"][cand] = option
     result = {
         "model": loaded.source,
         "kind": loaded.kind,
@@ -197,6 +202,6 @@ def measure(
         "evaluation_batches": len(evaluation),
         "seconds": time.perf_counter() - start,
     }
-    if use_cache:
+    if use_cache and distributed.is_main():
         write_json(path, result)
     return result
