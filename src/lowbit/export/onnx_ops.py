@@ -176,7 +176,11 @@ class NBitsMatMul(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, blob, scales, zeros, k: int, n: int, bits: int, block: int):
-        return g.op("com.microsoft::MatMulNBits", x, blob, scales, zeros, K_i=k, N_i=n, bits_i=bits, block_size_i=block)
+        y = g.op("com.microsoft::MatMulNBits", x, blob, scales, zeros, K_i=k, N_i=n, bits_i=bits, block_size_i=block)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:  # tell the exporter's shape inference what the custom op returns
+            y.setType(x.type().with_sizes([*sizes[:-1], n]))
+        return y
 
 
 class DequantConv(torch.autograd.Function):
