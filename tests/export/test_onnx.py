@@ -21,7 +21,17 @@ from lowbit.models import Loaded
 # Weight-only layers carry the exact codes and scales: float32 rounding only. Quantized
 # activations: one rounding flip in a code moves an output by a quantization step, so those
 # are compared relative to the output's size.
-TOL = {"w8-weight": 1e-5, "w4-g128": 1e-5, "nf4-g64": 1e-5, "int8-dynamic-rtn": 2e-2, "w8a8-static": 2e-2}
+TOL = {
+    "w8-weight": 1e-5,
+    "w4-g128": 1e-5,
+    "nf4-g64": 1e-5,
+    "int8-dynamic-rtn": 2e-2,
+    "smoothquant-0.5": 2e-2,  # int8-dynamic with a fixed alpha (no search): input_smooth divisors in the graph
+    "w8a8-static": 2e-2,
+    "w3-g128-hqq": 1e-5,  # 3-bit codes widened to 4, fractional (float) zero points
+    "w4-g128-2of4": 1e-5,  # pruned weights written as the code of 0
+    "w4a8": 2e-2,  # MatMulNBits after per-token activation quantization
+}
 
 
 def tiny_bert() -> Loaded:
@@ -40,6 +50,17 @@ def tiny_bert() -> Loaded:
     return Loaded(BertModel(cfg).eval(), "encoder", "tiny-bert", meta=meta)
 
 
+def _recipe(name: str):
+    if name != "smoothquant-0.5":
+        return name
+    from lowbit.presets import get_preset
+    from lowbit.recipe import Recipe
+
+    data = get_preset("int8-dynamic").to_dict()
+    data["name"], data["rules"][0]["options"] = name, {"alpha": 0.5}
+    return Recipe.from_dict(data)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx-ckpt")
@@ -49,7 +70,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for recipe in TOL:
         loaded = tiny_bert()
-        lowbit.quantize(loaded, recipe, calib=calib)
+        lowbit.quantize(loaded, _recipe(recipe), calib=calib)
         out[recipe] = lowbit.save(loaded, root / recipe)
     return out
 
@@ -73,6 +94,30 @@ def test_onnxruntime_matches_lowbit(checkpoints, tmp_path, monkeypatch, recipe):
     err = (torch.from_numpy(theirs) - ours).abs().max().item()
     assert err < TOL[recipe] * max(1.0, ours.abs().max().item()), err
     assert info["max_abs_diff"] < TOL[recipe] * max(1.0, info["reference_max_abs"])
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_outlier_channels_run_as_a_float_side_matmul(tmp_path, monkeypatch):
+    """LLM.int8-style layers: outlier input channels bypass quantization (kernels.run's split)."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    torch.manual_seed(0)
+    model = _mlp().eval()
+    float_weight = model[0].weight.detach().clone()
+    lowbit.quantize(model, "int8-dynamic-rtn")
+    index = torch.tensor([3, 11])
+    model[0].set_outliers(index, float_weight[:, index])
+    ckpt = lowbit.save(model, tmp_path / "mlp")
+    x = torch.randn(6, 16)
+    x[:, 3] *= 40.0  # an outlier channel
+    info = export(ckpt, tmp_path / "mlp.onnx", module=_mlp(), example=torch.randn(2, 16))
+    assert info["inputs"] == ["input_0"] and info["layers"] == {"int8-matmulinteger": 1}
+    with torch.no_grad():
+        ours = model(x)
+    theirs = torch.from_numpy(session(tmp_path / "mlp.onnx").run(None, {"input_0": x.numpy()})[0])
+    assert (theirs - ours).abs().max().item() < 1e-4 * max(1.0, ours.abs().max().item())
 
 
 def test_graphs_hold_the_integer_codes(checkpoints, tmp_path):
@@ -116,11 +161,43 @@ def test_formats_without_a_grid_are_listed(checkpoints, tmp_path):
     assert "nf4 has no ONNX integer grid" in info["dequantized"][0]["why"]
 
 
+def test_fp8_activations_are_listed_as_approximated(tmp_path):
+    loaded = tiny_bert()
+    lowbit.quantize(loaded, "fp8")
+    info = export(lowbit.save(loaded, tmp_path / "fp8"), tmp_path / "fp8.onnx")
+    assert info["layers"] == {"float": 12} and len(info["approximated"]) == 12
+    assert "fp8_e4m3 activations have no ONNX grid" in info["approximated"][0]
+
+
 def test_ort_dynamic_is_listed_as_approximated(checkpoints, tmp_path):
     info = export(checkpoints["int8-dynamic-rtn"], tmp_path / "ort.onnx", dynamic="ort")
     assert info["activations"] == {"dynamic-ort": 12} and "DynamicQuantizeLinear" in info["approximated"][0]
     assert "DynamicQuantizeLinear" in _ops(tmp_path / "ort.onnx")
     assert info["max_abs_diff"] < 0.1 * info["reference_max_abs"]
+
+
+def test_causal_lm_exports_logits(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    meta = {"type": "hf", "auto_class": "AutoModelForCausalLM", "kind": "causal-lm"}
+    loaded = Loaded(LlamaForCausalLM(cfg).eval(), "causal-lm", "tiny-llama", meta=meta)
+    lowbit.quantize(loaded, "w4-g128")
+    ckpt = lowbit.save(loaded, tmp_path / "llama")
+    info = export(ckpt, tmp_path / "llama.onnx")
+    assert info["outputs"] == ["logits"] and info["layers"] == {"matmulnbits-4": 14}
+    ids = torch.randint(0, 96, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        ours = loaded.model(input_ids=ids, attention_mask=mask).logits
+    theirs = session(tmp_path / "llama.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert (torch.from_numpy(theirs) - ours).abs().max().item() < 1e-5
 
 
 class TinyCNN(nn.Module):
@@ -169,41 +246,26 @@ def test_bad_input_is_refused(checkpoints, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated"):
         export(broken, tmp_path / "x.onnx")
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    model = _mlp()
     lowbit.quantize(model, "w8-weight")
     lowbit.save(model, tmp_path / "custom")
+    with pytest.raises(CheckpointError, match="module="):
+        export(tmp_path / "custom", tmp_path / "x.onnx")
     with pytest.raises(SpecError, match="example"):
-        export(
-            tmp_path / "custom",
-            tmp_path / "x.onnx",
-            module=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
-        )
+        export(tmp_path / "custom", tmp_path / "x.onnx", module=_mlp())
     assert not any(p.suffix in (".onnx", ".tmp") for p in tmp_path.iterdir())
 
 
 def test_unsupported_activations_are_refused(tmp_path):
     from lowbit.recipe import Recipe
 
-    asym = {
-        "name": "a",
-        "rules": [
-            {
-                "types": ["Linear"],
-                "weight": {"format": "int8"},
-                "activation": {"mode": "dynamic", "format": "int8-asym"},
-            }
-        ],
-    }
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    rule = {"types": ["Linear"], "weight": {"format": "int8"}, "activation": {"mode": "dynamic", "format": "int8-asym"}}
+    asym = {"name": "a", "rules": [rule]}
+    model = _mlp()
     lowbit.quantize(model, Recipe.from_dict(asym))
     lowbit.save(model, tmp_path / "asym")
     with pytest.raises(UnsupportedError, match="int8-dynamic"):
-        export(
-            tmp_path / "asym",
-            tmp_path / "x.onnx",
-            module=nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
-            example=torch.randn(1, 8),
-        )
+        export(tmp_path / "asym", tmp_path / "x.onnx", module=_mlp(), example=torch.randn(1, 16))
 
 
 def test_failed_export_leaves_no_file(checkpoints, tmp_path, monkeypatch):
@@ -229,7 +291,9 @@ def test_cli_export_onnx(checkpoints, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, floor", [("w4-g128", 0.99999), ("int8-dynamic", 0.999)])
+# int8-dynamic-rtn: the int8-dynamic graph without SmoothQuant's calibration (minutes on MiniLM);
+# the SmoothQuant divisors are covered on the tiny BERT above.
+@pytest.mark.parametrize("recipe, floor", [("w4-g128", 0.99999), ("int8-dynamic-rtn", 0.999)])
 def test_minilm_sentence_embeddings_match(tmp_path, monkeypatch, recipe, floor):
     """MiniLM: cosine of mean-pooled sentence embeddings, onnxruntime vs lowbit (reference kernels)."""
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")

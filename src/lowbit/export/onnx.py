@@ -101,7 +101,9 @@ def _swap_layers(model: nn.Module, dynamic: str) -> list[LayerNote]:
     return notes
 
 
-def _trace(wrapper: nn.Module, inputs: tuple, names: list[str], outputs: list[str], axes: dict, path: Path) -> None:
+def _trace(
+    wrapper: nn.Module, inputs: tuple, names: list[str], outputs: list[str], axes: dict, path: Path, contrib: bool
+) -> None:
     wrapper.eval()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -115,7 +117,7 @@ def _trace(wrapper: nn.Module, inputs: tuple, names: list[str], outputs: list[st
                 input_names=names,
                 output_names=outputs,
                 dynamic_axes=axes,
-                custom_opsets={"com.microsoft": 1},
+                custom_opsets={"com.microsoft": 1} if contrib else None,
                 do_constant_folding=True,
             )
     except (RuntimeError, TypeError, ValueError, AttributeError, torch.onnx.errors.OnnxExporterError) as exc:
@@ -159,7 +161,7 @@ def _check(path: Path, names: list[str], inputs: tuple, reference: torch.Tensor)
 
 def _summary(notes: list[LayerNote]) -> dict[str, Any]:
     dequantized = [{"layer": n.name, "why": n.why} for n in notes if n.weight == "float"]
-    approximated = []
+    approximated = [f"{n.name}: {n.approximated}" for n in notes if n.approximated]
     if any(n.activation == "dynamic-ort" for n in notes):
         approximated.append(
             "dynamic activations use ONNX Runtime's DynamicQuantizeLinear (uint8, one scale per tensor) "
@@ -198,7 +200,8 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
     with torch.no_grad():  # the swapped layers compute lowbit's reference arithmetic in eager mode
         reference = wrapper.eval()(*inputs).float()
     with atomic_path(out) as tmp:
-        _trace(wrapper, inputs, names, outputs, axes, tmp)
+        contrib = any(n.weight.startswith("matmulnbits") for n in notes)
+        _trace(wrapper, inputs, names, outputs, axes, tmp, contrib)
         check = _check(tmp, names, inputs, reference) if options.get("check", True) else {}
         size = tmp.stat().st_size
     return {

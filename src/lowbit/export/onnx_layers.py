@@ -27,6 +27,7 @@ class LayerNote:
     weight: str  # "int8-qdq" | "matmulnbits-<bits>" | "float"
     activation: str = "none"  # "none" | "dynamic-token" | "dynamic-tensor" | "dynamic-ort" | "static"
     why: str = ""  # for "float": why the weight was dequantized
+    approximated: str = ""  # what the graph computes differently from lowbit, if anything
 
 
 def _integer_zero(qt: QTensor) -> bool:
@@ -116,13 +117,12 @@ def nbits_weight(qt: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 
 
 def act_quant(module: QModule, name: str, axis: int) -> ActQuant | None:
-    """The activation quantization of ``module`` in graph form, or None for weight-only layers."""
+    """The activation quantization of ``module`` in graph form, or None for weight-only layers
+    and for activation formats without an ONNX grid (fp8: left in float, see ``act_gap``)."""
     spec = module.activation
-    if spec.mode == "none":
+    if spec.mode == "none" or act_gap(module):
         return None
     fmt, gran = spec.format, spec.resolved_granularity
-    if not isinstance(fmt, Int):
-        raise UnsupportedError(f"{name}: {fmt.name} activations have no ONNX form; export an integer-activation recipe")
     if spec.mode == "dynamic":
         if not (fmt.symmetric and isinstance(gran, PerToken | PerTensor) and type(spec.range) is MinMax):
             raise UnsupportedError(
@@ -132,6 +132,14 @@ def act_quant(module: QModule, name: str, axis: int) -> ActQuant | None:
     elif not isinstance(gran, PerTensor) or module.input_scale is None or module.input_scale.numel() != 1:
         raise UnsupportedError(f"{name}: static activations with {gran.name} scales are not exported (per tensor only)")
     return ActQuant(spec, axis)
+
+
+def act_gap(module: QModule) -> str:
+    """Why the layer's activation quantization is left out of the graph ('' when it is not)."""
+    fmt = module.activation.format
+    if module.activation.mode == "none" or isinstance(fmt, Int):
+        return ""
+    return f"{fmt.name} activations have no ONNX grid; they stay float"
 
 
 class _Exported(nn.Module):
@@ -195,7 +203,7 @@ class OnnxLinear(_Exported):
             self.register_buffer("weight", qt.dequantize(torch.float32))
             label = "float"
         self.shape = tuple(qt.shape)
-        self.note = LayerNote(name, label, act_name, why)
+        self.note = LayerNote(name, label, act_name, why, act_gap(module))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         side = None
@@ -254,7 +262,7 @@ class OnnxConv2d(_Exported):
         act_name = "none" if act is None else module.activation.mode
         if act is not None and act.spec.mode == "dynamic":
             act_name += "-tensor" if act.per_tensor else "-token"
-        self.note = LayerNote(name, "int8-qdq" if self.route == "qdq" else "float", act_name, why)
+        self.note = LayerNote(name, "int8-qdq" if self.route == "qdq" else "float", act_name, why, act_gap(module))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(self.pre_pad(x), 1)

@@ -67,9 +67,14 @@ def _reduce(g, op: str, x, act: ActQuant):
 
 
 def dynamic_scale(g, x, act: ActQuant):
-    """lowbit's symmetric min-max scale (primitives.qparams_from_range) per token or tensor:
-    max(max(hi, 0) / qmax, min(lo, 0) / qmin); |c| for a constant row; 1 for an all-zero row."""
+    """lowbit's symmetric min-max scale (primitives.qparams_from_range) per token or tensor. For
+    qmin = -qmax it is max|x| / qmax (an all-zero row keeps codes 0; a constant row c gets |c|/qmax
+    where lowbit takes |c|: the same value up to float rounding); full-range formats use
+    max(max(hi, 0) / qmax, min(lo, 0) / qmin)."""
     fmt = act.fmt
+    if fmt.qmin == -fmt.qmax:
+        absmax = _reduce(g, "ReduceMax", g.op("Abs", x), act)
+        return g.op("Max", g.op("Div", absmax, _const(g, float(fmt.qmax))), _const(g, 1e-30))
     hi, lo = _reduce(g, "ReduceMax", x, act), _reduce(g, "ReduceMin", x, act)
     zero = _const(g, 0.0)
     scale = g.op(
@@ -77,8 +82,7 @@ def dynamic_scale(g, x, act: ActQuant):
         g.op("Div", g.op("Max", hi, zero), _const(g, float(fmt.qmax))),
         g.op("Div", g.op("Min", lo, zero), _const(g, float(fmt.qmin))),
     )
-    scale = g.op("Where", g.op("Equal", lo, hi), g.op("Abs", lo), scale)
-    return g.op("Where", g.op("Greater", scale, zero), scale, _const(g, 1.0))
+    return g.op("Max", scale, _const(g, 1e-30))
 
 
 def _round_clip(g, t, fmt: Int):
@@ -145,9 +149,11 @@ class IntegerMatMul(torch.autograd.Function):
             xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
             acc = g.op("Cast", g.op("MatMulInteger", xq, codes, xz), to_i=Onnx.FLOAT)
             return g.op("Mul", acc, g.op("Mul", xs, scale))
+        # uint8 codes q + 128 with zero point 128: ONNX Runtime's u8 x s8 kernel is ~10x its s8 x s8 one
         s = dynamic_scale(g, x, act)
-        xq = g.op("Cast", _round_clip(g, g.op("Div", x, s), act.fmt), to_i=Onnx.INT8)
-        acc = g.op("Cast", g.op("MatMulInteger", xq, codes), to_i=Onnx.FLOAT)
+        q = g.op("Add", _round_clip(g, g.op("Div", x, s), act.fmt), _const(g, 128.0))
+        xq = g.op("Cast", q, to_i=Onnx.UINT8)
+        acc = g.op("Cast", g.op("MatMulInteger", xq, codes, _const(g, 128, torch.uint8)), to_i=Onnx.FLOAT)
         return g.op("Mul", g.op("Mul", acc, s), scale)
 
 
