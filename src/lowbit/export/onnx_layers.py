@@ -142,6 +142,14 @@ def act_gap(module: QModule) -> str:
     return f"{fmt.name} activations have no ONNX grid; they stay float"
 
 
+def _act_label(act: ActQuant | None) -> str:
+    if act is None:
+        return "none"
+    if act.spec.mode == "dynamic":
+        return "dynamic-tensor" if act.per_tensor else "dynamic-token"
+    return act.spec.mode
+
+
 class _Exported(nn.Module):
     """Shared input path: outlier channels split off, SmoothQuant/AWQ divisor, activation quant."""
 
@@ -173,9 +181,7 @@ class OnnxLinear(_Exported):
         super().__init__(module, act)
         qt = module.qweight
         self.route, why = weight_route(qt, conv=False)
-        act_name = "none" if act is None else module.activation.mode
-        if act is not None and act.spec.mode == "dynamic":
-            act_name += "-tensor" if act.per_tensor else "-token"
+        act_name = _act_label(act)
         fmt = qt.fmt
         if (
             self.route == "qdq"
@@ -259,9 +265,7 @@ class OnnxConv2d(_Exported):
             self.register_buffer("zero", zero)
         else:
             self.register_buffer("weight", qt.dequantize(torch.float32))
-        act_name = "none" if act is None else module.activation.mode
-        if act is not None and act.spec.mode == "dynamic":
-            act_name += "-tensor" if act.per_tensor else "-token"
+        act_name = _act_label(act)
         self.note = LayerNote(name, "int8-qdq" if self.route == "qdq" else "float", act_name, why, act_gap(module))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
