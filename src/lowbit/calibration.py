@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError
+from .errors import DataError, LowbitError
+from .primitives import check_finite
 from .ranges import MinMax, MovingMinMax, RangeObserver
 from .recipe import ActivationSpec, LayerScheme
 
@@ -33,7 +34,15 @@ def run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
     count = 0
     with torch.inference_mode():
         for batch in batches:
-            forward_batch(model, batch)
+            try:
+                forward_batch(model, batch)
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                if isinstance(exc, LowbitError):
+                    raise
+                raise DataError(
+                    f"calibration batch {count} does not fit the model ({exc}); give batches shaped like "
+                    "the model's input (a tensor, a tuple of tensors, or a dict of keyword tensors)"
+                ) from exc
             count += 1
     if count == 0:
         raise DataError("calibration data is empty; give at least one batch")
@@ -114,6 +123,11 @@ class _Collector:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach().float()
+        check_finite(
+            x,
+            f"calibration input of a {type(module).__name__} {tuple(x.shape)}",
+            "check the calibration data and that the float model runs on it without overflow",
+        )
         stats = self.stats
         rows = _input_rows(module, x)
         if stats.observer is not None:

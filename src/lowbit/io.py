@@ -27,8 +27,8 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
-def _header_check(path: Path) -> None:
-    """Check the safetensors header before handing the file to the library."""
+def _header_check(path: Path) -> dict:
+    """Check the safetensors header before handing the file to the library; return it."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         raw = fh.read(8)
@@ -57,6 +57,7 @@ def _header_check(path: Path) -> None:
         raise CheckpointError(
             f"{path}: tensors need {8 + n + end} bytes but the file has {size}; it is truncated, re-create it"
         )
+    return header
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -107,16 +108,33 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``target``; on success it replaces ``target``
-    (an existing one is moved aside first and removed after), on failure it is deleted."""
+    """Yield a temporary directory next to ``target``; on success it replaces ``target``, on
+    failure it is deleted. An existing ``target`` is swapped out in one atomic step where the
+    OS allows it, so a crash at any moment leaves the old or the new directory in place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
+        if target.is_dir() and _exchange(tmp, target):
+            return  # tmp now holds the old directory and is removed below
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
@@ -127,6 +145,20 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(target: Path, marker: str, what: str) -> None:
+    """Refuse to replace ``target`` unless it is absent, an empty directory, or a directory
+    holding ``marker`` (an earlier output of the same kind): never overwrite user data."""
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"{target} exists and is a file; choose a new output path for the {what}")
+    if any(target.iterdir()) and not (target / marker).exists():
+        raise CheckpointError(
+            f"{target} exists and is not a {what} (no {marker}); refusing to replace it, choose a new output path"
+        )
 
 
 def write_json(path: Path, data: Any) -> None:

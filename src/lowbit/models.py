@@ -135,6 +135,36 @@ def _hf_class(kind: str):
     return getattr(transformers, _AUTO_CLASS[kind])
 
 
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def _check_weight_dtypes(path: Path, headers: dict) -> None:
+    """Weights and biases stored as integers or booleans cannot be a float model's parameters."""
+    for key, info in headers.items():
+        if key.endswith((".weight", ".bias")) and info.get("dtype") not in _FLOAT_DTYPES:
+            raise ModelError(
+                f"{path}: tensor {key!r} is stored as {info.get('dtype')}, but a model weight must be a float "
+                "type (F32, F16, BF16); the file is not a float checkpoint of this model, re-export it"
+            )
+
+
+def _shape_mismatch(kind: str, config: Any, headers: dict) -> str:
+    """The first tensor whose stored shape differs from what config.json builds, or ''."""
+    try:
+        with torch.device("meta"):
+            skeleton = _hf_class(kind).from_config(config)
+    except Exception:
+        return ""
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    for key, info in headers.items():
+        stored = tuple(info.get("shape", ()))
+        for name, shape in expected.items():
+            same = key == name or key.endswith("." + name) or name.endswith("." + key)
+            if same and shape != stored:
+                return f"tensor {key!r} has shape {list(stored)} in the file but config.json makes it {list(shape)}"
+    return ""
+
+
 def load_hf_dir(path: Path, source: str | None = None, kind: str | None = None) -> Loaded:
     """A Hugging Face model directory (config.json + safetensors), offline, in float32."""
     _quiet_transformers()
@@ -150,13 +180,20 @@ def load_hf_dir(path: Path, source: str | None = None, kind: str | None = None) 
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: config.json is missing or invalid ({exc})") from exc
     kind = kind or _kind_of(config)
+    headers = {}
     for weight_file in weights:  # a clear error for truncated files before transformers reads them
         from .io import _header_check
 
-        _header_check(weight_file)
+        headers.update({k: v for k, v in _header_check(weight_file).items() if k != "__metadata__"})
+    _check_weight_dtypes(path, headers)
     try:
         model = _hf_class(kind).from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
+        mismatch = _shape_mismatch(kind, config, headers)
+        if mismatch:
+            raise ModelError(
+                f"{path}: {mismatch}; the weights and config.json disagree, re-export them together"
+            ) from exc
         raise ModelError(f"{path}: cannot load the model ({exc})") from exc
     model.eval()
     tokenizer = None

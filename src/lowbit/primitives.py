@@ -32,14 +32,13 @@ class QParams:
     codebook: torch.Tensor | None = None
 
 
-def check_finite(x: torch.Tensor, name: str = "tensor") -> None:
-    """Raise NonFiniteError if ``x`` holds NaN or Inf."""
+def check_finite(
+    x: torch.Tensor, name: str = "tensor", fix: str = "fix or drop the tensor (e.g. re-export the checkpoint)"
+) -> None:
+    """Raise NonFiniteError if ``x`` holds NaN or Inf; ``fix`` says what the user should do."""
     if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise NonFiniteError(
-            f"{name}: {bad} of {x.numel()} values are NaN or Inf; fix or drop the tensor "
-            "(e.g. re-export the checkpoint) before quantizing"
-        )
+        raise NonFiniteError(f"{name}: {bad} of {x.numel()} values are NaN or Inf; {fix} before quantizing")
 
 
 def _check_granularity(fmt: Format, gran: Granularity) -> None:

@@ -196,7 +196,13 @@ def quantize(
     for name, scheme in plan.items():
         if scheme.weight is None:
             raise SpecError(f"{name}: the scheme has no weight spec; use fp16/bf16 to keep weights in float")
-        check_finite(module.get_submodule(name).weight, f"{name}.weight")
+        weight = module.get_submodule(name).weight
+        if weight.numel() == 0:
+            raise SpecError(
+                f"{name}: the weight has zero elements (shape {list(weight.shape)}); there is nothing to "
+                "quantize, remove the layer or exclude it from the recipe"
+            )
+        check_finite(weight, f"{name}.weight")
     record = QuantizationRecord(recipe)
     if isinstance(model, Loaded):
         record.source = {"model": model.source, "sha256": model.sha256}

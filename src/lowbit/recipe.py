@@ -7,16 +7,18 @@ recipe says ``include_head`` / ``include_embeddings`` or a rule names them exact
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from .errors import SpecError, UnsupportedError
+from .errors import LowbitError, SpecError, UnsupportedError
 from .formats import Format, Int, format_from_dict, format_to_dict, parse_format
 from .granularity import (
     Granularity,
@@ -31,6 +33,18 @@ from .spec import QuantSpec
 
 ACT_MODES = ("none", "dynamic", "static")
 LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+
+
+@contextlib.contextmanager
+def malformed(where: str, error: type[LowbitError] = SpecError) -> Iterator[None]:
+    """Turn a parser's TypeError/ValueError/... on a hand-edited or corrupt document into a
+    LowbitError naming where it is (LowbitErrors pass through unchanged)."""
+    try:
+        yield
+    except LowbitError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+        raise error(f"{where}: malformed ({type(exc).__name__}: {exc}); fix the value or re-create the file") from exc
 
 
 def _strict(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -165,6 +179,13 @@ class LayerScheme:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "scheme") -> LayerScheme:
+        with malformed(where):
+            return cls._from_dict(data, where)
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], where: str) -> LayerScheme:
+        if not isinstance(data, dict):
+            raise SpecError(f"{where} must be a mapping")
         if data.get("skip"):
             return cls(skip=True)
         kwargs: dict[str, Any] = {}
@@ -299,6 +320,11 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        with malformed(where):
+            return cls._from_dict(data, where)
+
+    @classmethod
+    def _from_dict(cls, data: Any, where: str) -> Recipe:
         data = _strict(data, _RECIPE_KEYS, where)
         if not isinstance(data.get("rules", []), list):
             raise SpecError(f"{where}.rules must be a list of rules")
@@ -339,7 +365,10 @@ def read_recipe_file(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: recipe file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a UTF-8 text file ({exc}); save the recipe as UTF-8 JSON or YAML") from exc
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -288,6 +288,9 @@ def test_cli_export_onnx(checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "y.onnx")])
     assert exc.value.code == 2 and "checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(checkpoints["w4-g128"]), "--format", "onnx", "--out", str(out), "--option", "module=x"])
+    assert exc.value.code == 2 and "module=" in capsys.readouterr().err
 
 
 @pytest.mark.slow

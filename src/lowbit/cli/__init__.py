@@ -16,5 +16,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="lowbit")
     except LowbitError as exc:
-        sys.stderr.write(f"lowbit: error: {exc}\n")
+        message = " ".join(str(exc).split())  # one line, whatever the exception text holds
+        sys.stderr.write(f"lowbit: error: {message}\n")
         sys.exit(2)

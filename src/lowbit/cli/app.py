@@ -21,6 +21,9 @@ app = typer.Typer(
 )
 stderr = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+QuietFlag = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars (also off when stderr is not a terminal).")
+]
 
 
 def emit(data: dict, as_json: bool, table: Table | None) -> None:

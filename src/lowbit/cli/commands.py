@@ -9,7 +9,9 @@ import typer
 from rich.table import Table
 
 from ..errors import SpecError
-from .app import JsonFlag, app, emit, stderr
+from ..io import check_replaceable
+from .app import JsonFlag, QuietFlag, app, emit, stderr
+from .progress import bars
 
 
 def _format_table(result: dict) -> Table:
@@ -106,10 +108,14 @@ def recipes(as_json: JsonFlag = False) -> None:
 
 
 def _check_out_dir(model: str, out: Path) -> None:
-    """Refuse an output directory that is, or lies inside, the input model directory."""
+    """Refuse an output directory that is, or lies inside, the input model directory, or that
+    holds something other than an earlier lowbit checkpoint."""
+    check_replaceable(out, "lowbit.json", "lowbit checkpoint")
     src = Path(model)
-    if not model.startswith("builtin:") and src.exists():
-        src_dir = src if src.is_dir() else src.parent
+    if not model.startswith("builtin:") and src.is_file() and out.resolve() == src.resolve():
+        raise SpecError(f"--out {out} is the input file itself; choose another output directory")
+    if not model.startswith("builtin:") and src.is_dir():
+        src_dir = src
         try:
             out.resolve().relative_to(src_dir.resolve())
         except ValueError:
@@ -134,6 +140,7 @@ def quantize_cmd(
     ] = None,
     samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length (tokens).")] = 512,
+    quiet: QuietFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Quantize MODEL with a recipe and save a lowbit checkpoint directory.
@@ -154,7 +161,8 @@ def quantize_cmd(
     start = time.perf_counter()
     loaded = load_model(model)
     batches = calibration_data(loaded, calib, samples, seq_len) if resolved.needs_calibration else None
-    quantize(loaded, resolved, batches)
+    with bars(quiet) as bar:
+        quantize(loaded, resolved, batches, progress=bar("quantize"))
     save(loaded, out)
     size = model_size(loaded.model)
     result = {
@@ -188,6 +196,7 @@ def eval_cmd(
     ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Perplexity: evaluate only the first N tokens.")] = None,
     seq_len: Annotated[int, typer.Option(help="Perplexity: window length.")] = 512,
+    quiet: QuietFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Evaluate a model: perplexity, embedding fidelity, or classification accuracy/agreement.
@@ -199,7 +208,10 @@ def eval_cmd(
     loaded = load_model(model)
     ref = reference or (loaded.meta.get("source_model") if loaded.meta.get("quantized") else None)
     options = {"max_tokens": max_tokens, "seq_len": seq_len} if task == "perplexity" else {}
-    result = evaluate(loaded, task, data, reference=load_model(ref) if ref else None, **options)
+    with bars(quiet) as bar:
+        if task == "perplexity":
+            options["progress"] = bar("perplexity")
+        result = evaluate(loaded, task, data, reference=load_model(ref) if ref else None, **options)
     result["model"] = model
     table = Table(title=f"{model}: {task}")
     table.add_column("metric")

@@ -45,6 +45,10 @@ def export_cmd(
         Path | None,
         typer.Option("--out", "-o", help="Output file (onnx, gguf) or directory (hf) (default: beside SOURCE)."),
     ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="Exporter option KEY=VALUE, repeatable (e.g. gguf: fallback=q8_0)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Export a quantized checkpoint so an engine can run it.
@@ -52,8 +56,10 @@ def export_cmd(
     Example: lowbit export minilm-int8 --format onnx --out minilm-int8.onnx
     """
     export = exporter(fmt)
-    if not source.is_dir():
-        raise SpecError(f"{source} is not a lowbit checkpoint directory; make one with `lowbit quantize`")
+    if not source.is_dir() or not (source / "lowbit.json").is_file():
+        raise SpecError(
+            f"{source} is not a lowbit checkpoint directory (no lowbit.json); make one with `lowbit quantize`"
+        )
     out = out or source.with_name(source.name + EXPORTERS[fmt][1])
     try:
         out.resolve().relative_to(source.resolve())
@@ -61,7 +67,13 @@ def export_cmd(
         pass
     else:
         raise SpecError(f"--out {out} lies inside the checkpoint {source}; choose a path outside it")
-    result = {"source": str(source), "format": fmt, "out": str(out), **export(source, out)}
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--option {item!r}: write it as KEY=VALUE, e.g. fallback=q8_0")
+        options[key.strip()] = value.strip()
+    result = {"source": str(source), "format": fmt, "out": str(out), **export(source, out, **options)}
     table = Table(title=f"{source} -> {out}")
     for key in result:
         table.add_column(key)

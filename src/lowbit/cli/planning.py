@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .app import JsonFlag, app, emit, stderr
+from .app import JsonFlag, QuietFlag, app, emit
+from .progress import bars
 
 Candidates = Annotated[
     str | None,
@@ -25,17 +26,6 @@ def _candidates(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
-def _progress(quiet: bool):
-    if quiet:
-        return None
-
-    def show(what: str, step: int, total: int) -> None:
-        if step % max(1, total // 20) == 0:
-            stderr.print(f"[dim]{step}/{total} {what}[/dim]")
-
-    return show
-
-
 @app.command()
 def sensitivity(
     model: Annotated[str, typer.Argument(help="builtin:NAME or a model directory.")],
@@ -43,7 +33,7 @@ def sensitivity(
     target: TargetOption = None,
     samples: Annotated[int, typer.Option(help="Calibration samples (windows / sentence batches).")] = 16,
     out: Annotated[Path | None, typer.Option(help="Also write the table as JSON here.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
+    quiet: QuietFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Measure, per layer and candidate scheme, the layer error and the end-to-end damage.
@@ -55,7 +45,8 @@ def sensitivity(
     from ..planning.workflow import sensitivity as measure
 
     loaded = load_model(model)
-    table = measure(loaded, _candidates(candidates), target, samples, _progress(quiet))
+    with bars(quiet) as bar:
+        table = measure(loaded, _candidates(candidates), target, samples, bar("sensitivity"))
     if out is not None:
         write_json(out, table)
     view = Table(title=f"{model}: damage ({table['metric']}) when only this layer is quantized")
@@ -85,7 +76,7 @@ def plan(
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Quantize the plan and evaluate it on held-out data.")
     ] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
+    quiet: QuietFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Choose a scheme per layer under a budget (exact knapsack over measured options), write a
@@ -102,7 +93,8 @@ def plan(
     if sum(v is not None for v in (budget_mb, avg_bits, max_drop)) != 1:
         raise SpecError("give exactly one budget: --budget-mb, --avg-bits or --max-drop")
     loaded = load_model(model)
-    table = sensitivity(loaded, _candidates(candidates), target, samples, _progress(quiet))
+    with bars(quiet) as bar:
+        table = sensitivity(loaded, _candidates(candidates), target, samples, bar("sensitivity"))
     result = make_plan(loaded, table, budget_mb=budget_mb, avg_bits=avg_bits, max_drop=max_drop)
     result["target"] = target
     write_json(out, result["recipe"])

@@ -18,7 +18,7 @@ from .size import model_size
 
 TASK_KINDS = {"perplexity": "causal-lm", "embedding": "encoder", "classification": "image-classifier"}
 TASK_OPTIONS = {
-    "perplexity": {"seq_len", "stride", "max_tokens"},
+    "perplexity": {"seq_len", "stride", "max_tokens", "progress"},
     "embedding": {"count", "seed", "batch_size", "max_length", "word_sets"},
     "classification": {"batch_size"},
 }

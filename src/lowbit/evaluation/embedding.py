@@ -34,8 +34,12 @@ def _last_hidden_state(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
 def sentence_embeddings(
     model: nn.Module, tokenizer: Any, sentences: list[str], batch_size: int = 32, max_length: int = 128
 ) -> torch.Tensor:
-    """L2-normalised mean of the last hidden state over the attention mask: float32 [N, D] on CPU."""
+    """L2-normalised mean of the last hidden state over the attention mask: float32 [N, D] on CPU.
+    Sentences are cut at ``max_length`` tokens or the model's position limit, whichever is less."""
     device = model_device(model)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0:
+        max_length = min(max_length, limit)
     rows = []
     for batch in encoder_batches(tokenizer, sentences, batch_size, max_length):
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,15 @@ def windows(total: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]
 
 
 @torch.inference_mode()
-def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, stride: int | None = None) -> dict:
-    """Sliding-window perplexity of ``model`` on the token stream ``ids`` (int64 [T])."""
+def perplexity_of_ids(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seq_len: int = 512,
+    stride: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Sliding-window perplexity of ``model`` on the token stream ``ids`` (int64 [T]);
+    ``progress(what, step, total)`` is called before each window."""
     stride = stride or seq_len
     if seq_len < 2 or not 1 <= stride <= seq_len:
         raise DataError(f"perplexity: seq_len={seq_len}, stride={stride}; need seq_len >= 2 and 1 <= stride <= seq_len")
@@ -70,7 +78,9 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, s
     scored = 0
     spans = windows(ids.numel(), seq_len, stride)
     top = int(ids.max())
-    for begin, end, first in spans:
+    for index, (begin, end, first) in enumerate(spans):
+        if progress is not None:
+            progress(f"window {index + 1}/{len(spans)}", index, len(spans))
         window = ids[begin:end].unsqueeze(0).to(device)
         logits = causal_logits(model, window)
         if top >= logits.shape[-1]:
@@ -102,6 +112,7 @@ def perplexity(
     seq_len: int = 512,
     stride: int | None = None,
     max_tokens: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Perplexity on a text file (default: WikiText-2 test), tokenized whole without special
     tokens; ``max_tokens`` keeps only the first tokens (a quick slice); ``stride`` defaults to
@@ -114,6 +125,6 @@ def perplexity(
     ids = token_stream(tokenizer, path)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    result = perplexity_of_ids(model, ids, seq_len, stride)
+    result = perplexity_of_ids(model, ids, seq_len, stride, progress)
     result["data"] = str(path)
     return result

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LowbitError
-from ..io import atomic_dir, read_safetensors, write_json, write_safetensors
+from ..io import atomic_dir, check_replaceable, read_safetensors, write_json, write_safetensors
 from ..models import Loaded, efficientnet_preprocess, efficientnet_skeleton, read_json
 from ..nn import QModule, set_submodule, to_quantized
 from ..quantize import QuantizationRecord
-from ..recipe import LayerScheme, Recipe
+from ..recipe import LayerScheme, Recipe, malformed
 from ..tensor import QTensor
 
 FORMAT = "lowbit-checkpoint"
@@ -69,6 +69,7 @@ def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None
     if record is None:
         raise CheckpointError("this model was not quantized by lowbit.quantize(); nothing to save as a checkpoint")
     directory = Path(directory)
+    check_replaceable(directory, MANIFEST, "lowbit checkpoint")
     if tokenizer is None and loaded is not None:
         tokenizer = loaded.tokenizer
     tensors, tied = _unique_state(module)
@@ -150,6 +151,15 @@ def load(directory: str | Path, module: nn.Module | None = None) -> Loaded:
             f"lowbit reads ({FORMAT_VERSION}); upgrade lowbit"
         )
     tensors, _ = read_safetensors(directory / WEIGHTS)
+    with malformed(str(directory / MANIFEST), CheckpointError):
+        return _build(directory, manifest, tensors, module)
+
+
+def _build(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor], module: nn.Module | None) -> Loaded:
+    """The model a checked manifest and its tensors describe (see load)."""
+    for key in ("architecture", "tied", "source"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise CheckpointError(f"{directory / MANIFEST}: '{key}' must be a mapping")
     model = _skeleton(directory, manifest.get("architecture", {}), module)
     record = QuantizationRecord(Recipe.from_dict(manifest["recipe"], f"{directory / MANIFEST}:recipe"))
     layers = manifest.get("layers")
@@ -162,6 +172,12 @@ def load(directory: str | Path, module: nn.Module | None = None) -> Loaded:
             qweight = QTensor.from_dict(tensors, entry["weight"], f"{name}.")
         except (AttributeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{directory}: layer {name!r} does not fit the model ({exc})") from exc
+        want = scheme.weight.torch_scale_dtype if scheme.weight is not None else None
+        if want is not None and qweight.scale is not None and qweight.scale.dtype != want:
+            raise CheckpointError(
+                f"{name}: scales are stored as {qweight.scale.dtype} but the recipe in lowbit.json says "
+                f"{scheme.weight.scale_dtype}; the checkpoint was edited or is corrupt, re-create it"
+            )
         expected = tuple(float_layer.weight.shape)
         if tuple(qweight.shape) != expected:
             raise CheckpointError(

@@ -178,23 +178,32 @@ def _summary(notes: list[LayerNote]) -> dict[str, Any]:
 def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
     """Write the lowbit checkpoint ``source`` as the ONNX file ``out`` (atomically).
 
-    Options (Python only): ``module`` (the float skeleton of a custom nn.Module checkpoint),
-    ``example`` (input tensor(s) for models that are not Hugging Face text models),
-    ``dynamic`` ("token": lowbit's exact per-token int8 scales, default; "ort": ONNX Runtime's
-    fused per-tensor DynamicQuantizeLinear, faster, approximate), ``check`` (default True)."""
+    Options: ``dynamic`` ("token": lowbit's exact per-token int8 scales, default; "ort": ONNX
+    Runtime's fused per-tensor DynamicQuantizeLinear, faster, approximate) and ``check`` (default
+    True; both also as CLI ``--option KEY=VALUE``); from Python only: ``module`` (the float skeleton
+    of a custom nn.Module checkpoint) and ``example`` (input tensor(s) for models that are not
+    Hugging Face text models)."""
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise SpecError(f"onnx export: unknown option(s) {unknown}; allowed: {sorted(OPTIONS)}")
     dynamic = options.get("dynamic", "token")
     if dynamic not in DYNAMIC:
         raise SpecError(f"onnx export: dynamic={dynamic!r}; choose one of {list(DYNAMIC)}")
+    check = options.get("check", True)
+    if isinstance(check, str):  # from the CLI: --option check=false
+        if check.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise SpecError(f"onnx export: check={check!r}; write true or false")
+        check = check.lower() in ("true", "1", "yes")
+    module = options.get("module")
+    if module is not None and not isinstance(module, nn.Module):
+        raise SpecError("onnx export: module= takes an nn.Module instance (from Python, not the command line)")
     source, out = Path(source), Path(out)
     if not (source / MANIFEST).is_file():
         raise CheckpointError(
             f"{source}: not a lowbit checkpoint (no {MANIFEST}); make one with "
             "`lowbit quantize MODEL --recipe int8-dynamic --out DIR`"
         )
-    loaded = load_checkpoint(source, module=options.get("module"))
+    loaded = load_checkpoint(source, module=module)
     wrapper, inputs, names, outputs, axes = _graph_io(loaded, options.get("example"))
     notes = _swap_layers(loaded.model, dynamic)
     with torch.no_grad():  # the swapped layers compute lowbit's reference arithmetic in eager mode
@@ -202,13 +211,13 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
     with atomic_path(out) as tmp:
         contrib = any(n.weight.startswith("matmulnbits") for n in notes)
         _trace(wrapper, inputs, names, outputs, axes, tmp, contrib)
-        check = _check(tmp, names, inputs, reference) if options.get("check", True) else {}
+        checked = _check(tmp, names, inputs, reference) if check else {}
         size = tmp.stat().st_size
     return {
         "opset": OPSET,
         "inputs": names,
         "outputs": outputs,
         **_summary(notes),
-        **check,
+        **checked,
         "size_bytes": size,
     }
