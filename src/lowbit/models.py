@@ -197,7 +197,8 @@ def load_hf_dir(path: Path, source: str | None = None, kind: str | None = None) 
         raise ModelError(f"{path}: cannot load the model ({exc})") from exc
     model.eval()
     tokenizer = None
-    if kind != "image-classifier":
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+    if kind != "image-classifier" and any((path / f).exists() for f in files):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
