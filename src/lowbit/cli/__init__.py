@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import LowbitError
-from . import bench, commands, export, planning  # noqa: F401  (register the commands)
+from . import bench, commands, export, planning, report  # noqa: F401  (register the commands)
 from .app import app
 
 

@@ -53,6 +53,9 @@ def formats(
 def demo(
     sentences: Annotated[int, typer.Option(help="MiniLM: sentences for cosine / top-1.")] = 500,
     max_tokens: Annotated[int, typer.Option(help="SmolLM2: WikiText-2 test tokens for perplexity.")] = 4096,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the HTML report here (default: lowbit-demo-report.html).")
+    ] = Path("lowbit-demo-report.html"),
     as_json: JsonFlag = False,
 ) -> None:
     """Quantize the bundled MiniLM and SmolLM2-135M with several recipes; show size, quality, speed.
@@ -88,6 +91,14 @@ def demo(
         f"{result['perplexity_tokens']} WikiText-2 test tokens, latency 1x128; kernels: "
         f"{result['kernels']}; {result['seconds']:.0f} s"
     )
+    if report is not None and distributed.is_main():
+        from ..io import atomic_path
+        from ..report import build
+
+        with atomic_path(report) as tmp:
+            tmp.write_text(build([("demo", "lowbit demo", result)], title="lowbit demo report"), encoding="utf-8")
+        result["report"] = str(report)
+        stderr.print(f"[dim]report: {report}[/dim]")
     emit(result, as_json, table)
 
 
