@@ -145,3 +145,25 @@ def test_cli_stream(sources, tmp_path):
         [*cmd[:-1], "w4-g128-gptq", "--out", str(tmp_path / "bad"), "--stream"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "calibration-free" in bad.stderr
+
+
+def test_write_shard_reads_back_with_safetensors(tmp_path):
+    from safetensors import safe_open
+
+    from lowbit.streaming import write_shard
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+        "b": torch.randn(7, generator=gen),
+        "c": torch.randint(-8, 8, (4, 3), dtype=torch.int8, generator=gen),
+        "d": torch.tensor([True, False, True]),
+        "e": torch.zeros(0, 4, dtype=torch.float16),
+        "f": torch.arange(6, dtype=torch.int64).reshape(2, 3).t(),  # not contiguous
+    }
+    write_shard(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == {"format": "pt"} and sorted(fh.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            got = fh.get_tensor(name)
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), name

@@ -28,7 +28,7 @@ from .quantize import QuantizationRecord, _Quantizer
 from .recipe import Recipe, resolve_recipe
 
 SOURCE_INDEX = "model.safetensors.index.json"
-SHARD_BYTES = 1 << 30  # output shard size: the most output held in memory at once
+SHARD_BYTES = 512 << 20  # output shard size: the most output held in memory at once
 Progress = Callable[[str, int, int], None]
 
 
@@ -89,6 +89,50 @@ class SourceWeights:
         return tensor.float() if tensor.is_floating_point() else tensor
 
 
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a .safetensors file straight from the tensors' memory (safetensors' save_file first
+    copies every tensor to bytes, doubling the peak); the layout is the library's own."""
+    import sys
+
+    from safetensors.torch import save_file
+
+    if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in tensors.values()):
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the library writes it
+    with path.open("wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for tensor in tensors.values():
+            if tensor.numel():
+                fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 class ShardWriter:
     """Appends tensors to numbered safetensors shards of at most ``limit`` bytes (a bigger
     tensor gets a shard of its own), then writes the index."""
@@ -111,12 +155,10 @@ class ShardWriter:
             self.total += size
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         shard = f"model-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.directory / shard), metadata={"format": "lowbit-checkpoint"})
+        write_shard(self.directory / shard, self.pending, {"format": "lowbit-checkpoint"})
         self.weight_map.update(dict.fromkeys(self.pending, shard))
         self.shards.append(shard)
         self.pending, self.pending_bytes = {}, 0
