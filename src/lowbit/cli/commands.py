@@ -152,6 +152,14 @@ def quantize_cmd(
     ] = None,
     samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length (tokens).")] = 512,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="HF causal-LM directory bigger than memory: read, quantize and write one layer at a time "
+            "(calibration-free recipes only; sharded output).",
+        ),
+    ] = False,
     quiet: QuietFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -171,6 +179,9 @@ def quantize_cmd(
     out = out or Path("lowbit-out") / f"{name}-{resolved.name}"
     _check_out_dir(model, out)
     start = time.perf_counter()
+    if stream:
+        _quantize_streaming(model, resolved, out, quiet, as_json, start)
+        return
     loaded = load_model(model)
     batches = calibration_data(loaded, calib, samples, seq_len) if resolved.needs_calibration else None
     with bars(quiet) as bar:
@@ -189,6 +200,35 @@ def quantize_cmd(
         "seconds": time.perf_counter() - start,
     }
     table = Table(title=f"{model} -> {out}")
+    for key in result:
+        table.add_column(key)
+    table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()])
+    emit(result, as_json, table)
+
+
+def _quantize_streaming(model: str, recipe, out: Path, quiet: bool, as_json: bool, start: float) -> None:
+    """quantize --stream: layer by layer from a HF directory (see lowbit.streaming)."""
+    import json
+    import time
+
+    from ..evaluation.size import directory_bytes
+    from ..streaming import quantize_streaming
+
+    if model.startswith("builtin:") or not Path(model).is_dir():
+        raise SpecError(f"--stream reads a Hugging Face model directory (config.json + safetensors), not {model!r}")
+    with bars(quiet) as bar:
+        quantize_streaming(Path(model), recipe, out, progress=bar("quantize"))
+    layers = json.loads((out / "lowbit.json").read_text())["layers"]
+    result = {
+        "model": model,
+        "recipe": recipe.name,
+        "out": str(out),
+        "layers": len(layers),
+        "size_bytes": directory_bytes(out),
+        "stream": True,
+        "seconds": time.perf_counter() - start,
+    }
+    table = Table(title=f"{model} -> {out} (streamed)")
     for key in result:
         table.add_column(key)
     table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()])

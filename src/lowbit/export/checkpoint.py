@@ -24,6 +24,7 @@ from ..tensor import QTensor
 FORMAT = "lowbit-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: tensor name -> shard file
 MANIFEST = "lowbit.json"
 
 
@@ -150,9 +151,43 @@ def load(directory: str | Path, module: nn.Module | None = None) -> Loaded:
             f"{directory}: checkpoint format {manifest['format_version']} is newer than this "
             f"lowbit reads ({FORMAT_VERSION}); upgrade lowbit"
         )
-    tensors, _ = read_safetensors(directory / WEIGHTS)
+    tensors = read_weights(directory)
     with malformed(str(directory / MANIFEST), CheckpointError):
         return _build(directory, manifest, tensors, module)
+
+
+def weight_files(directory: Path) -> list[str]:
+    """Names of the weight files of a checkpoint: one model.safetensors, or the index and its shards."""
+    index = directory / WEIGHTS_INDEX
+    if not index.exists():
+        return [WEIGHTS]
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: shard {shard!r} must be a .safetensors file name inside the checkpoint")
+    return [WEIGHTS_INDEX, *shards]
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, from model.safetensors or from the shards its index lists."""
+    index = directory / WEIGHTS_INDEX
+    if not index.exists():
+        return read_safetensors(directory / WEIGHTS)[0]
+    weight_map = read_json(index)["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in weight_files(directory)[1:]:
+        if not (directory / shard).is_file():
+            raise CheckpointError(f"{directory}: shard {shard} listed in {WEIGHTS_INDEX} is missing; re-create it")
+        part, _ = read_safetensors(directory / shard)
+        wanted = {name for name, file in weight_map.items() if file == shard}
+        if set(part) != wanted:
+            odd = sorted(set(part) ^ wanted)[:3]
+            raise CheckpointError(f"{directory / shard}: holds other tensors than {WEIGHTS_INDEX} lists ({odd})")
+        tensors.update(part)
+    return tensors
 
 
 def _build(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor], module: nn.Module | None) -> Loaded:

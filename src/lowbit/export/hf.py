@@ -23,7 +23,7 @@ from ..io import atomic_dir, write_safetensors
 from ..models import Loaded
 from ..nn import QLinear, QModule
 from . import ct_codec
-from .checkpoint import MANIFEST, WEIGHTS, _unique_state
+from .checkpoint import MANIFEST, WEIGHTS, _unique_state, weight_files
 from .checkpoint import load as load_checkpoint
 
 # Files of a lowbit checkpoint that the export rewrites instead of copying.
@@ -130,8 +130,9 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copied = []
+        skip = _REWRITTEN | set(weight_files(source))
         for path in sorted(source.iterdir()):
-            if path.is_file() and path.name not in _REWRITTEN and not path.name.startswith("."):
+            if path.is_file() and path.name not in skip and not path.name.startswith("."):
                 shutil.copy2(path, tmp / path.name)
                 copied.append(path.name)
     size = (out / "model.safetensors").stat().st_size
