@@ -14,8 +14,12 @@ import torch
 
 
 def _env(tmp_path) -> dict:
-    # a fresh sensitivity cache per run, so both runs really measure
-    return {**os.environ, "LOWBIT_CACHE": str(tmp_path / f"cache-{os.urandom(4).hex()}"), "OMP_NUM_THREADS": "1"}
+    # a fresh sensitivity cache per run, so both runs really measure; the built kernels stay shared
+    from lowbit.models import cache_dir
+
+    kernels = os.environ.get("LOWBIT_KERNEL_CACHE") or str(cache_dir() / "kernels")
+    cache = str(tmp_path / f"cache-{os.urandom(4).hex()}")
+    return {**os.environ, "LOWBIT_CACHE": cache, "LOWBIT_KERNEL_CACHE": kernels, "OMP_NUM_THREADS": "1"}
 
 
 def _single(tmp_path, *args: str) -> subprocess.CompletedProcess:

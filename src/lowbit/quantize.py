@@ -40,6 +40,8 @@ class QuantizationRecord:
     kind: str = "encoder"
     architecture: dict[str, Any] = field(default_factory=dict)
     folded: dict[str, list[str]] = field(default_factory=dict)  # norm -> layers whose scales it absorbed
+    journal: Any = None  # the BlockJournal of this run, removed once the checkpoint is saved
+    resumed_blocks: int = 0  # blocks taken from the journal instead of quantized again
 
 
 def stats_needed(algorithm: Algorithm, scheme: LayerScheme) -> set[str]:
@@ -178,13 +180,19 @@ def quantize(
     calib: Iterable[Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     sequential: bool = True,
+    journal: str | Path | None = None,
+    resume: bool = False,
 ) -> nn.Module:
     """Quantize ``model`` in place per ``recipe`` (preset name, file, or Recipe) and return it.
 
     ``calib`` is an iterable of batches (dicts of tensors, tuples or tensors), needed when a
     scheme uses static activations or a data-driven algorithm; a ``Loaded`` model gets its
     default calibration data when none is given. ``sequential=False`` collects all statistics
-    in one pass over the float model instead of block by block."""
+    in one pass over the float model instead of block by block.
+
+    ``journal`` is a directory where a block-by-block run saves every finished block; with
+    ``resume=True`` a run with the same model, recipe and data continues after the blocks saved
+    there (same result, to the byte). ``lowbit.save`` removes the journal once the checkpoint exists."""
     module = model.model if isinstance(model, Loaded) else model
     recipe = resolve_recipe(recipe)
     already = [name for name, m in module.named_modules() if isinstance(m, QModule)]
@@ -231,7 +239,15 @@ def quantize(
     blocks = find_blocks(module) if sequential else None
     inside = {n for n in plan if blocks is not None and n.startswith(blocks[0] + ".")}
     if inside and any(needs[n] for n in inside):
-        run_sequential(module, blocks, plan, {n: needs[n] for n in inside}, batches, quantizer.block, progress)
+        block_journal = None
+        if journal is not None:
+            from .journal import BlockJournal, fingerprint
+
+            block_journal = BlockJournal(journal, fingerprint(module, recipe.to_dict(), batches), resume)
+            block_journal.restore(module, blocks[0], record)
+            record.journal, record.resumed_blocks = block_journal, block_journal.done
+        inner = {n: needs[n] for n in inside}
+        run_sequential(module, blocks, plan, inner, batches, quantizer.block, progress, block_journal)
     else:
         inside = set()
     rest = [n for n in plan if n not in inside]

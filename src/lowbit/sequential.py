@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .calibration import LayerStats, _Collector, forward_batch
+from .errors import CheckpointError
 
 Call = tuple[tuple, dict]
 
@@ -217,13 +218,27 @@ def run_sequential(
     batches: list[Any],
     quantize_block: Callable[..., None],
     progress: Callable[[str, int, int], None] | None = None,
+    journal: Any = None,
 ) -> None:
     """Quantize the layers inside ``blocks`` one block at a time, and inside a block one stage
     (layers sharing an input) at a time; ``quantize_block(block, prefix, names, stats, inputs,
-    norm_outputs, calls)`` swaps the named layers."""
+    norm_outputs, calls)`` swaps the named layers. With a ``journal`` (lowbit.journal.BlockJournal,
+    its saved blocks already restored) the run starts after the saved blocks and saves each block
+    it finishes."""
     blocks_name, module_list = blocks
     calls = capture_inputs(model, blocks_name, batches)
+    start = 0
+    if journal is not None and journal.done:
+        saved = journal.saved_hidden
+        if len(saved) != len(calls):
+            raise CheckpointError(
+                f"{journal.directory}: the journal holds {len(saved)} calibration batches, the run has "
+                f"{len(calls)}; run without --resume to start over"
+            )
+        start, calls = journal.done, [_with_hidden(call, h) for call, h in zip(calls, saved)]
     for index, block in enumerate(module_list):
+        if index < start:
+            continue
         prefix = f"{blocks_name}.{index}."
         if progress is not None:
             progress(f"block {index + 1}/{len(module_list)}", index, len(module_list))
@@ -242,3 +257,5 @@ def run_sequential(
                 quantize_block(block, prefix, names, stats, inputs, norm_outputs, calls)
         with torch.inference_mode():
             calls = [_with_hidden(call, run_block(block, call)) for call in calls]
+        if journal is not None:
+            journal.save(index, block, prefix, [_hidden(call) for call in calls])

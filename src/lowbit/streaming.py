@@ -235,7 +235,7 @@ def quantize_streaming(
     """Quantize the HF causal LM in ``source_dir`` layer by layer into the lowbit checkpoint
     ``out_dir`` (shards of at most ``shard_bytes``, bigger tensors alone), never holding the
     whole model; the tensors equal those of load_model + quantize + save."""
-    from .export.checkpoint import FORMAT, FORMAT_VERSION, MANIFEST, _tokenizer, _versions
+    from .export.checkpoint import FORMAT, FORMAT_VERSION, MANIFEST, _tokenizer, _versions, layer_entry
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not (source_dir / "config.json").is_file():
@@ -271,15 +271,7 @@ def quantize_streaming(
             quantizer.layer(name, None)
             qlayer = model.get_submodule(name)
             writer.add(qlayer.state_dict(prefix=f"{name}."))
-            layers[name] = {
-                "module": type(qlayer).__name__,
-                "scheme": plan[name].to_dict(),
-                "weight": qlayer.qweight.meta(),
-                "static_input": qlayer.input_scale is not None,
-                "input_smooth": qlayer.input_smooth is not None,
-                "outliers": qlayer.outlier_index is not None,
-                "bias": qlayer.bias is not None,
-            }
+            layers[name] = layer_entry(qlayer, plan[name])
             set_submodule(model, name, meta_layer)  # drop the quantized copy: it is on disk now
             del layer, qlayer, state
         quantized = {f"{name}." for name in plan}

@@ -160,6 +160,14 @@ def quantize_cmd(
             "(calibration-free recipes only; sharded output).",
         ),
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue a block-by-block run (GPTQ, AWQ, static activations) that was killed: blocks saved in "
+            "the journal next to --out (.<out>.journal) are reused; the result equals an uninterrupted run.",
+        ),
+    ] = False,
     quiet: QuietFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -179,13 +187,16 @@ def quantize_cmd(
     out = out or Path("lowbit-out") / f"{name}-{resolved.name}"
     _check_out_dir(model, out)
     start = time.perf_counter()
+    if stream and resume:
+        raise SpecError("--resume continues block-by-block runs; --stream runs are calibration-free, drop --resume")
     if stream:
         _quantize_streaming(model, resolved, out, quiet, as_json, start)
         return
     loaded = load_model(model)
     batches = calibration_data(loaded, calib, samples, seq_len) if resolved.needs_calibration else None
+    journal = out.parent / f".{out.name}.journal" if distributed.is_main() else None
     with bars(quiet) as bar:
-        quantize(loaded, resolved, batches, progress=bar("quantize"))
+        quantize(loaded, resolved, batches, progress=bar("quantize"), journal=journal, resume=resume)
     if distributed.is_main():  # under torchrun every rank quantizes the same way; one writes
         save(loaded, out)
     distributed.barrier()
@@ -195,6 +206,7 @@ def quantize_cmd(
         "recipe": resolved.name,
         "out": str(out),
         "layers": len(loaded.model.lowbit.schemes),
+        "resumed_blocks": loaded.model.lowbit.resumed_blocks,
         "size_bytes": directory_bytes(out),
         "bits_per_weight": size["quantized_bits_per_weight"],
         "seconds": time.perf_counter() - start,

@@ -62,6 +62,19 @@ def _unique_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, tied
 
 
+def layer_entry(layer: QModule, scheme: LayerScheme) -> dict[str, Any]:
+    """What lowbit.json records of one quantized layer (enough to rebuild it from its tensors)."""
+    return {
+        "module": type(layer).__name__,
+        "scheme": scheme.to_dict(),
+        "weight": layer.qweight.meta(),
+        "static_input": layer.input_scale is not None,
+        "input_smooth": layer.input_smooth is not None,
+        "outliers": layer.outlier_index is not None,
+        "bias": layer.bias is not None,
+    }
+
+
 def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write a quantized model to ``directory`` atomically (never half-written)."""
     loaded = model if isinstance(model, Loaded) else None
@@ -79,15 +92,7 @@ def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None
         layer = module.get_submodule(name)
         if not isinstance(layer, QModule):
             raise CheckpointError(f"{name}: recorded as quantized but is {type(layer).__name__}")
-        layers[name] = {
-            "module": type(layer).__name__,
-            "scheme": scheme.to_dict(),
-            "weight": layer.qweight.meta(),
-            "static_input": layer.input_scale is not None,
-            "input_smooth": layer.input_smooth is not None,
-            "outliers": layer.outlier_index is not None,
-            "bias": layer.bias is not None,
-        }
+        layers[name] = layer_entry(layer, scheme)
     arch = _architecture(module, loaded.meta if loaded is not None and loaded.meta else record.architecture)
     manifest = {
         "format": FORMAT,
@@ -107,6 +112,9 @@ def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         write_json(tmp / MANIFEST, manifest)
+    if record.journal is not None:  # the run's block journal is not needed once the checkpoint exists
+        record.journal.remove()
+        record.journal = None
     return directory
 
 
@@ -190,6 +198,63 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def restore_layer(
+    model: nn.Module, name: str, entry: dict, tensors: dict[str, torch.Tensor], where: Path
+) -> LayerScheme:
+    """Swap ``model``'s float layer ``name`` for the quantized layer that ``entry`` (a lowbit.json
+    layer record) and the named ``tensors`` describe; returns its scheme."""
+    try:
+        float_layer = model.get_submodule(name)
+        scheme = LayerScheme.from_dict(entry["scheme"], f"layers.{name}.scheme")
+        qweight = QTensor.from_dict(tensors, entry["weight"], f"{name}.")
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{where}: layer {name!r} does not fit the model ({exc})") from exc
+    want = scheme.weight.torch_scale_dtype if scheme.weight is not None else None
+    if want is not None and qweight.scale is not None and qweight.scale.dtype != want:
+        raise CheckpointError(
+            f"{name}: scales are stored as {qweight.scale.dtype} but the recipe in lowbit.json says "
+            f"{scheme.weight.scale_dtype}; the checkpoint was edited or is corrupt, re-create it"
+        )
+    expected = tuple(float_layer.weight.shape)
+    if tuple(qweight.shape) != expected:
+        raise CheckpointError(
+            f"{name}: lowbit.json says shape {tuple(qweight.shape)} but the architecture "
+            f"has {expected}; the checkpoint does not match its config"
+        )
+    qlayer = to_quantized(float_layer, qweight, scheme.activation, name)
+    if entry.get("static_input"):
+        scale, zero = tensors.get(f"{name}.input_scale"), tensors.get(f"{name}.input_zero_point")
+        if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise CheckpointError(f"{name}: static activation scale is missing or invalid")
+        qlayer.set_input_qparams(scale, zero)
+    if entry.get("input_smooth"):
+        smooth = tensors.get(f"{name}.input_smooth")
+        if (
+            smooth is None
+            or smooth.shape != (qlayer.qweight.shape[1] * getattr(qlayer, "groups", 1),)
+            or not bool(torch.isfinite(smooth).all() and (smooth > 0).all())
+        ):
+            raise CheckpointError(f"{name}: input_smooth is missing or invalid")
+        qlayer.set_input_smooth(smooth)
+    if entry.get("outliers"):
+        index, weight = tensors.get(f"{name}.outlier_index"), tensors.get(f"{name}.outlier_weight")
+        in_features = qlayer.qweight.shape[1]
+        if (
+            index is None
+            or weight is None
+            or index.dim() != 1
+            or weight.shape != (qlayer.qweight.shape[0], index.numel())
+        ):
+            raise CheckpointError(f"{name}: outlier channels are missing or inconsistent")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_features):
+            raise CheckpointError(f"{name}: outlier channel index out of range")
+        qlayer.set_outliers(index, weight)
+    if entry.get("bias") and qlayer.bias is None:  # bias correction gave a bias-free layer one
+        qlayer.bias = torch.nn.Parameter(torch.zeros(qlayer.qweight.shape[0]), requires_grad=False)
+    set_submodule(model, name, qlayer)
+    return scheme
+
+
 def _build(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor], module: nn.Module | None) -> Loaded:
     """The model a checked manifest and its tensors describe (see load)."""
     for key in ("architecture", "tied", "source"):
@@ -201,56 +266,7 @@ def _build(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor], mo
     if not isinstance(layers, dict):
         raise CheckpointError(f"{directory / MANIFEST}: 'layers' must be a mapping")
     for name, entry in layers.items():
-        try:
-            float_layer = model.get_submodule(name)
-            scheme = LayerScheme.from_dict(entry["scheme"], f"layers.{name}.scheme")
-            qweight = QTensor.from_dict(tensors, entry["weight"], f"{name}.")
-        except (AttributeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{directory}: layer {name!r} does not fit the model ({exc})") from exc
-        want = scheme.weight.torch_scale_dtype if scheme.weight is not None else None
-        if want is not None and qweight.scale is not None and qweight.scale.dtype != want:
-            raise CheckpointError(
-                f"{name}: scales are stored as {qweight.scale.dtype} but the recipe in lowbit.json says "
-                f"{scheme.weight.scale_dtype}; the checkpoint was edited or is corrupt, re-create it"
-            )
-        expected = tuple(float_layer.weight.shape)
-        if tuple(qweight.shape) != expected:
-            raise CheckpointError(
-                f"{name}: lowbit.json says shape {tuple(qweight.shape)} but the architecture "
-                f"has {expected}; the checkpoint does not match its config"
-            )
-        qlayer = to_quantized(float_layer, qweight, scheme.activation, name)
-        if entry.get("static_input"):
-            scale, zero = tensors.get(f"{name}.input_scale"), tensors.get(f"{name}.input_zero_point")
-            if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-                raise CheckpointError(f"{name}: static activation scale is missing or invalid")
-            qlayer.set_input_qparams(scale, zero)
-        if entry.get("input_smooth"):
-            smooth = tensors.get(f"{name}.input_smooth")
-            if (
-                smooth is None
-                or smooth.shape != (qlayer.qweight.shape[1] * getattr(qlayer, "groups", 1),)
-                or not bool(torch.isfinite(smooth).all() and (smooth > 0).all())
-            ):
-                raise CheckpointError(f"{name}: input_smooth is missing or invalid")
-            qlayer.set_input_smooth(smooth)
-        if entry.get("outliers"):
-            index, weight = tensors.get(f"{name}.outlier_index"), tensors.get(f"{name}.outlier_weight")
-            in_features = qlayer.qweight.shape[1]
-            if (
-                index is None
-                or weight is None
-                or index.dim() != 1
-                or weight.shape != (qlayer.qweight.shape[0], index.numel())
-            ):
-                raise CheckpointError(f"{name}: outlier channels are missing or inconsistent")
-            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= in_features):
-                raise CheckpointError(f"{name}: outlier channel index out of range")
-            qlayer.set_outliers(index, weight)
-        if entry.get("bias") and qlayer.bias is None:  # bias correction gave a bias-free layer one
-            qlayer.bias = torch.nn.Parameter(torch.zeros(qlayer.qweight.shape[0]), requires_grad=False)
-        set_submodule(model, name, qlayer)
-        record.schemes[name] = scheme
+        record.schemes[name] = restore_layer(model, name, entry, tensors, directory)
     for alias, owner in manifest.get("tied", {}).items():
         if owner not in tensors:
             raise CheckpointError(f"{directory}: tied tensor {alias!r} points to missing {owner!r}")

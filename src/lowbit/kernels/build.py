@@ -1,10 +1,10 @@
 """Build and load lowbit's C++ CPU kernels (AVX-512 VNNI / BF16) once per machine.
 
 The sources in ``csrc/`` are compiled with the system g++ against torch's headers into a
-library cached under ``$LOWBIT_CACHE/kernels/<hash>/`` (the hash covers the sources, flags,
-torch version and compiler), then loaded with ``torch.ops.load_library``; the ops appear as
-``torch.ops.lowbit.*``. When the CPU lacks the instructions or no compiler is available,
-``load()`` returns False and the registry keeps the portable kernels.
+library cached under ``$LOWBIT_KERNEL_CACHE/<hash>/`` (default ``$LOWBIT_CACHE/kernels``; the
+hash covers the sources, flags, torch version and compiler), then loaded with
+``torch.ops.load_library``; the ops appear as ``torch.ops.lowbit.*``. When the CPU lacks the
+instructions or no compiler is available, ``load()`` returns False and the registry keeps the portable kernels.
 """
 
 from __future__ import annotations
@@ -103,10 +103,12 @@ def _digest(sources: list[Path]) -> str:
 
 
 def library_path() -> Path:
+    """Where the built library lives: ``$LOWBIT_KERNEL_CACHE`` (default ``$LOWBIT_CACHE/kernels``)."""
     from ..models import cache_dir
 
     sources = sorted([*CSRC.glob("*.cpp"), *CSRC.glob("*.h")])
-    return cache_dir() / "kernels" / _digest(sources) / "lowbit_kernels.so"
+    root = os.environ.get("LOWBIT_KERNEL_CACHE") or cache_dir() / "kernels"
+    return Path(root) / _digest(sources) / "lowbit_kernels.so"
 
 
 def build(verbose: bool = False) -> Path:
