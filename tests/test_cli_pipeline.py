@@ -133,8 +133,8 @@ def test_minilm_int8_dynamic_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_json_contract():
-    result = run("demo", "--sentences", "120", "--max-tokens", "1024", "--json")
+def test_demo_json_contract(tmp_path):
+    result = run("demo", "--sentences", "120", "--max-tokens", "1024", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     recipes = {(r["model"], r["recipe"]) for r in rows}
@@ -147,3 +147,4 @@ def test_demo_json_contract():
     for row in rows:
         assert row["size_mb"] > 0 and row["latency_ms"] > 0 and row["bits_per_weight"] > 0
     assert by[("builtin:minilm", "w4-g128")]["size_mb"] < by[("builtin:minilm", "w8-weight")]["size_mb"]
+    assert (tmp_path / "lowbit-demo-report.html").stat().st_size > 10_000  # the demo writes its report
