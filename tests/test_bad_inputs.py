@@ -239,6 +239,18 @@ MODEL_CASES = {
         "unknown export format",
     ),
     "export-not-a-checkpoint": ("model", None, ["export", "{input}", "--format", "gguf", "--out", "{tmp}/x.gguf"], ""),
+    "stream-with-resume": (
+        "model",
+        None,
+        ["quantize", "{input}", "-r", "w8-weight", "--stream", "--resume"],
+        "--resume",
+    ),
+    "stream-calibrated-recipe": (
+        "model",
+        None,
+        ["quantize", "{input}", "-r", "w4-g128-gptq", "--stream"],
+        "calibration",
+    ),
 }
 
 
