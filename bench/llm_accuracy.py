@@ -37,12 +37,12 @@ W8A8 = {
 }
 
 
-def recipe(name: str, weight: dict, algorithm: str, activation: dict | None = None) -> Recipe:
+def recipe(name: str, weight: dict, algorithm: str, activation: dict | None = None, alpha: str = "auto") -> Recipe:
     rule = {"types": ["Linear"], "weight": {**weight, "scale_dtype": "float16"}, "algorithm": algorithm}
     if activation is not None:
         rule["activation"] = activation
     if algorithm == "smoothquant":
-        rule["options"] = {"alpha": "auto"}
+        rule["options"] = {"alpha": alpha if alpha == "auto" else float(alpha)}
     return Recipe.from_dict({"name": name, "rules": [rule]})
 
 
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=list(WEIGHT_FORMATS))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--w8a8", nargs="*", default=list(W8A8))
+    parser.add_argument("--alpha", default="auto", help="SmoothQuant strength: 'auto' (searched per layer) or a number")
     parser.add_argument(
         "--out", type=Path, help="also write the JSON here after every scheme (partial results survive)"
     )
@@ -77,7 +78,7 @@ def main() -> None:
     log(f"float32 {result['perplexity']:.3f}")
     jobs = [(f, m, recipe(f"{f}-{m}", WEIGHT_FORMATS[f], m)) for f in args.formats for m in args.methods]
     jobs += [
-        (name, W8A8[name][0], recipe(name, {"format": "int8", "granularity": "channel"}, *W8A8[name]))
+        (name, W8A8[name][0], recipe(name, {"format": "int8", "granularity": "channel"}, *W8A8[name], args.alpha))
         for name in args.w8a8
     ]
     for scheme, method, rec in jobs:
@@ -109,6 +110,7 @@ def summary(rows: list[dict], result: dict, args) -> dict:
         "model": "builtin:smollm2-135m",
         "eval": {"data": "wikitext-2 test", "tokens": result["tokens"], "seq_len": args.seq_len},
         "calibration": {"data": "wikitext-2 valid", "samples": args.calib_samples, "seq_len": args.seq_len},
+        "smoothquant_alpha": args.alpha,
         "rows": rows,
         "torch_threads": torch.get_num_threads(),
         "note": "process_peak_rss_mb is the whole process's peak up to that row (ru_maxrss), an upper bound",
