@@ -211,9 +211,9 @@ def fit(
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
-            history.append(float(value))
+            history.append(float(value.detach()))
             if log is not None:
-                log(step, float(value))
+                log(step, history[-1])
             step += 1
     model.eval()
     return history
