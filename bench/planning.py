@@ -1,0 +1,143 @@
+"""Mixed precision from measurement: plans vs uniform presets at the same size, verified on
+held-out data. Prints one JSON object.
+
+1. SmolLM2-135M: per-layer sensitivity (loss increase on WikiText-2 valid windows), then plans
+   at the size of uniform w4-g128 and of uniform w3-g128, each quantized and evaluated on
+   WikiText-2 test perplexity next to the uniform preset (same layers, same evaluation).
+2. MiniLM: the smallest plan whose predicted 1 - cosine stays within --max-drop, verified on
+   WikiText-2 test sentences, next to uniform int8 (w8-weight).
+3. SmolLM2 2:4 sparsity + w4 (w4-g128-2of4) next to dense w4-g128: perplexity and size.
+
+    nice .venv/bin/python bench/planning.py > bench/results/planning.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+import lowbit
+from lowbit.planning.allocate import plan_recipe, uniform_plans
+from lowbit.planning.workflow import make_plan, sensitivity, verify
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _uniform(table: dict[str, Any], candidate: str) -> dict[str, Any]:
+    """The uniform plan of ``candidate`` over the table's layers, as a recipe dict."""
+    plan = next(p for p in uniform_plans(table) if next(iter(p.choices.values())) == candidate)
+    return plan_recipe(plan, name=f"uniform-{candidate}").to_dict(), plan
+
+
+def _row(label: str, verified: dict[str, Any], counts: dict[str, int] | None = None) -> dict[str, Any]:
+    keep = ("size_mb", "bits_per_weight", "perplexity", "mean_cosine", "top1_agreement", "predicted_damage")
+    row = {"label": label, **{k: verified[k] for k in keep if k in verified}}
+    if "achieved_damage" in verified:
+        row["achieved_damage"] = verified["achieved_damage"]
+    if counts is not None:
+        row["counts"] = counts
+    return row
+
+
+def smollm2(args) -> dict[str, Any]:
+    source = "builtin:smollm2-135m"
+    loaded = lowbit.load_model(source)
+    start = time.perf_counter()
+    table = sensitivity(loaded, args.lm_candidates, None, args.samples)
+    seconds = time.perf_counter() - start
+    log(f"smollm2 sensitivity: {len(table['layers'])} layers x {len(table['candidates'])} candidates, {seconds:.0f} s")
+    rows, comparisons = [], []
+    for preset in ("w4-g128", "w3-g128"):
+        recipe, uniform = _uniform(table, preset)
+        base = verify(source, recipe, "causal-lm", uniform.damage, args.max_tokens)
+        budget_mb = base["size_mb"]
+        planned = make_plan(loaded, table, budget_mb=budget_mb)
+        got = verify(source, planned["recipe"], "causal-lm", planned["plan"]["predicted_damage"], args.max_tokens)
+        rows += [_row(f"uniform {preset}", base), _row(f"plan at {preset} size", got, planned["plan"]["counts"])]
+        comparisons.append(
+            {
+                "budget": f"size of uniform {preset}",
+                "uniform_perplexity": base["perplexity"],
+                "plan_perplexity": got["perplexity"],
+                "uniform_size_mb": base["size_mb"],
+                "plan_size_mb": got["size_mb"],
+                "plan_beats_uniform": got["perplexity"] < base["perplexity"] and got["size_mb"] <= base["size_mb"],
+            }
+        )
+        log(f"  {preset}: uniform {base['perplexity']:.3f} ({base['size_mb']:.1f} MB), "
+            f"plan {got['perplexity']:.3f} ({got['size_mb']:.1f} MB)")  # fmt: skip
+    float_ppl = base["float_perplexity"]
+    sparse_rows = []
+    for preset in ("w4-g128", "w4-g128-2of4"):
+        model = lowbit.load_model(source)
+        lowbit.quantize(model, preset)
+        from lowbit.evaluation.perplexity import perplexity
+        from lowbit.evaluation.size import model_size
+
+        ppl = perplexity(model.model, model.tokenizer, max_tokens=args.max_tokens)["perplexity"]
+        size = model_size(model.model)
+        sparse_rows.append(
+            {"recipe": preset, "perplexity": ppl, "size_mb": size["bytes"] / 1e6,
+             "bits_per_weight": size["quantized_bits_per_weight"]}
+        )  # fmt: skip
+        log(f"  {preset}: {ppl:.3f}, {size['bytes'] / 1e6:.1f} MB")
+    return {
+        "model": source,
+        "metric": table["metric"],
+        "float_perplexity": float_ppl,
+        "sensitivity_seconds": seconds,
+        "candidates": table["candidates"],
+        "rows": rows,
+        "comparisons": comparisons,
+        "sparsity": sparse_rows,
+    }
+
+
+def minilm(args) -> dict[str, Any]:
+    source = "builtin:minilm"
+    loaded = lowbit.load_model(source)
+    table = sensitivity(loaded, args.encoder_candidates, None, args.samples)
+    planned = make_plan(loaded, table, max_drop=args.max_drop)
+    got = verify(source, planned["recipe"], "encoder", planned["plan"]["predicted_damage"])
+    recipe, uniform = _uniform(table, "w8-weight")
+    int8 = verify(source, recipe, "encoder", uniform.damage)
+    log(f"minilm: plan 1-cos {got['achieved_damage']:.4f} ({got['size_mb']:.1f} MB), "
+        f"int8 {int8['achieved_damage']:.4f} ({int8['size_mb']:.1f} MB)")  # fmt: skip
+    return {
+        "model": source,
+        "metric": table["metric"],
+        "max_drop": args.max_drop,
+        "rows": [_row(f"plan --max-drop {args.max_drop}", got, planned["plan"]["counts"]), _row("uniform int8", int8)],
+        "within_budget": got["achieved_damage"] <= args.max_drop,
+        "smaller_than_int8": got["size_mb"] < int8["size_mb"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=16, help="sensitivity calibration samples")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="WikiText-2 test tokens for perplexity")
+    parser.add_argument("--max-drop", type=float, default=0.01, help="MiniLM budget on 1 - cosine")
+    parser.add_argument("--lm-candidates", nargs="+", default=["w8-weight", "w4-g128", "w3-g128", "w2-g64"])
+    parser.add_argument("--encoder-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "nf4-g64"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "minilm"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    if "minilm" not in args.skip:
+        out["minilm"] = minilm(args)
+    if "smollm2" not in args.skip:
+        out["smollm2"] = smollm2(args)
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
