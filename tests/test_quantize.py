@@ -77,6 +77,23 @@ def test_smoothquant_is_exact_in_float_and_helps_outliers():
     assert errors["smoothquant"] < 0.5 * errors["rtn"]
 
 
+def test_smoothquant_collects_sampled_rows_only_for_the_alpha_search():
+    from lowbit.algorithms import get_algorithm
+    from lowbit.quantize import stats_needed
+    from lowbit.recipe import LayerScheme
+
+    algorithm = get_algorithm("smoothquant")
+    for options, expected in [
+        ({}, {"channels"}),
+        ({"alpha": 0.7}, {"channels"}),
+        ({"alpha": "auto"}, {"channels", "samples"}),
+    ]:
+        scheme = LayerScheme.from_dict(
+            {"weight": "int8", "activation": "dynamic", "algorithm": "smoothquant", "options": options}
+        )
+        assert stats_needed(algorithm, scheme) == expected, options
+
+
 def test_bad_input():
     with pytest.raises(DataError, match="needs calibration data"):
         lowbit.quantize(mlp(), "w8a8-static")

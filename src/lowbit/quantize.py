@@ -46,7 +46,7 @@ class QuantizationRecord:
 
 def stats_needed(algorithm: Algorithm, scheme: LayerScheme) -> set[str]:
     """Calibration statistics a layer's scheme uses."""
-    needs = set(algorithm.stats)
+    needs = set(algorithm.stats_for(scheme.options))
     if scheme.activation.mode == "static":
         needs |= {"range", "channels"}
     if scheme.bias_correction:

@@ -26,10 +26,15 @@ class Algorithm:
     options: frozenset[str]
     stats: frozenset[str]
     description: str
+    option_stats: Callable[[dict], frozenset[str]] | None = None  # fewer stats for some options
 
     @property
     def needs_data(self) -> bool:
         return bool(self.stats)
+
+    def stats_for(self, options: dict) -> frozenset[str]:
+        """The statistics a layer with these options uses (``stats`` unless the algorithm says less)."""
+        return self.stats if self.option_stats is None else self.option_stats(options)
 
 
 @dataclass
@@ -48,11 +53,19 @@ class LayerResult:
 _REGISTRY: dict[str, Algorithm] = {}
 
 
-def register_algorithm(name: str, options: set[str], stats: set[str], description: str):
-    """Decorator registering ``fn`` under ``name``."""
+def register_algorithm(
+    name: str,
+    options: set[str],
+    stats: set[str],
+    description: str,
+    option_stats: Callable[[dict], set[str]] | None = None,
+):
+    """Decorator registering ``fn`` under ``name``; ``option_stats(options)`` may name a subset of
+    ``stats`` that a layer with those options needs."""
 
     def wrap(fn: Callable) -> Callable:
-        _REGISTRY[name] = Algorithm(name, fn, frozenset(options), frozenset(stats), description)
+        narrow = None if option_stats is None else (lambda opts: frozenset(option_stats(opts)) & frozenset(stats))
+        _REGISTRY[name] = Algorithm(name, fn, frozenset(options), frozenset(stats), description, narrow)
         return fn
 
     return wrap

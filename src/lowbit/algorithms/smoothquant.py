@@ -72,6 +72,7 @@ def output_error(
     options={"alpha"},
     stats={"channels", "samples"},
     description="SmoothQuant: per-channel activation/weight balancing for W8A8 (alpha or 'auto')",
+    option_stats=lambda options: {"channels", "samples"} if options.get("alpha") == "auto" else {"channels"},
 )
 def smoothquant(
     weight: torch.Tensor,
