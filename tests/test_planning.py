@@ -35,12 +35,30 @@ def random_table(layers: int, options: int, seed: int) -> dict:
 
 
 def brute_force(table: dict, budget: int) -> float:
+    """Least total (effective) damage within ``budget`` bytes, by trying every combination."""
+    from lowbit.planning.allocate import effective_damages
+
     best = float("inf")
-    layers = list(table["layers"].values())
-    for combo in itertools.product(*[list(layer["options"].values()) for layer in layers]):
+    layers = [
+        [{"bytes": o["bytes"], "damage": effective_damages(layer["options"])[c]} for c, o in layer["options"].items()]
+        for layer in table["layers"].values()
+    ]
+    for combo in itertools.product(*layers):
         if sum(o["bytes"] for o in combo) <= budget:
             best = min(best, sum(o["damage"] for o in combo))
     return best
+
+
+def test_effective_damages_remove_negative_and_inverted_measurements():
+    from lowbit.planning.allocate import effective_damages
+
+    options = {
+        "w8": {"bytes": 800, "damage": -0.01},  # noise below zero
+        "w4": {"bytes": 400, "damage": 0.20},
+        "w3": {"bytes": 300, "damage": 0.05},  # measured better than w4: noise
+        "w2": {"bytes": 200, "damage": 0.90},
+    }
+    assert effective_damages(options) == {"w8": 0.0, "w4": 0.20, "w3": 0.20, "w2": 0.90}
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -3,7 +3,9 @@ multiple-choice knapsack (dynamic programming over layer bytes, rounded up to a 
 so a plan never exceeds its budget), and the Pareto front of size vs predicted metric.
 
 Predicted damage of a plan = the sum of its layers' measured single-layer damages (a
-first-order model, checked by ``verify`` against the real quantized model).
+first-order model, checked by ``verify`` against the real quantized model). Measured damages
+are noisy on small evaluation sets, so each layer's damages are first made plausible (see
+``effective_damages``): never negative, and never smaller for a smaller option.
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ from ..recipe import Recipe, Rule
 from .sensitivity import candidate_scheme
 
 MAX_UNITS = 40_000
+
+
+def effective_damages(options: dict[str, Any]) -> dict[str, float]:
+    """Per candidate of one layer: the measured damage raised to at least 0 and to at least the
+    damage of every option that stores more bytes. A single-layer measurement below zero, or a
+    2-bit option measured better than 4-bit, is evaluation noise; a knapsack fed raw values
+    would buy that noise with the smallest formats."""
+    ranked = sorted(options, key=lambda c: -int(options[c]["bytes"]))
+    out, floor = {}, 0.0
+    for cand in ranked:
+        floor = max(floor, float(options[cand]["damage"]))
+        out[cand] = floor
+    return out
 
 
 @dataclass
@@ -46,7 +61,8 @@ class Knapsack:
             names = [c for c in (allowed or list(opts)) if c in opts]
             if not names:
                 raise SpecError(f"{name}: none of the allowed candidates {allowed} was measured")
-            self.options.append([(c, int(opts[c]["bytes"]), float(opts[c]["damage"])) for c in names])
+            damage = effective_damages(opts)
+            self.options.append([(c, int(opts[c]["bytes"]), damage[c]) for c in names])
         total = sum(max(b for _, b, _ in opts) for opts in self.options)
         self.unit = max(1, math.ceil(total / MAX_UNITS))
         self.size = total // self.unit + len(self.layers) + 1
@@ -134,7 +150,7 @@ def uniform_plans(table: dict[str, Any]) -> list[Plan]:
                 Plan(
                     {n: cand for n in layers},
                     sum(layers[n]["options"][cand]["bytes"] for n in layers),
-                    sum(layers[n]["options"][cand]["damage"] for n in layers),
+                    sum(effective_damages(layers[n]["options"])[cand] for n in layers),
                 )
             )
     return plans
