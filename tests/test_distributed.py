@@ -114,3 +114,62 @@ def test_perplexity_windows_split_over_two_ranks_equal_one(tmp_path):
     assert (a["world"], b["world"]) == (1, 2)
     assert a["tokens"] == b["tokens"] > 250
     assert a["nll"] == b["nll"]  # per-window sums gathered and added in window order
+
+
+QUANTIZE = textwrap.dedent(
+    """
+    import hashlib, json, torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import lowbit
+    from lowbit import distributed
+    from lowbit.formats import Int
+    from lowbit.granularity import PerChannel
+    from lowbit.ranges import MovingMinMax, Percentile
+    from lowbit.recipe import ActivationSpec, LayerScheme, Recipe, Rule
+    from lowbit.spec import QuantSpec
+
+    def model():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return LlamaForCausalLM(config).eval()
+
+    def custom(rng):
+        act = ActivationSpec("static", Int(8, symmetric=False), range=rng)
+        scheme = LayerScheme(QuantSpec(Int(8), PerChannel()), act, "rtn", {})
+        return Recipe(name="custom", rules=(Rule(scheme, types=("Linear",)),))
+
+    gen = torch.Generator().manual_seed(1)
+    calib = [{"input_ids": torch.randint(0, 64, (1, 24), generator=gen)} for _ in range(7)]
+    recipes = {"gptq": "w4-g128-gptq", "awq": "w4-g128-awq", "w8a8-static": "w8a8-static",
+               "percentile": custom(Percentile(99.0)), "moving": custom(MovingMinMax(0.9))}
+    out = {"world": distributed.world()}
+    for key, recipe in recipes.items():
+        for sequential in (True, False):
+            m = model()
+            lowbit.quantize(m, recipe, calib, sequential=sequential)
+            digest = hashlib.sha256()
+            for name, value in sorted(m.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            out[f"{key}-{'seq' if sequential else 'flat'}"] = digest.hexdigest()
+    if distributed.is_main():
+        print(json.dumps(out))
+    """
+)
+
+
+def test_calibration_split_over_two_ranks_quantizes_bit_identically(tmp_path):
+    """GPTQ Hessians, AWQ and SmoothQuant samples, static ranges (min-max, percentile samples,
+    moving average): each rank calibrates on its share of 7 batches, the gathered statistics
+    equal one process's, and so do the quantized weights, to the bit."""
+    script = tmp_path / "quantize.py"
+    script.write_text(QUANTIZE)
+    one = _single(tmp_path, str(script))
+    two = _torchrun(tmp_path, str(script))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert (a.pop("world"), b.pop("world")) == (1, 2)
+    assert len(a) == 10
+    assert a == b

@@ -180,3 +180,14 @@ def test_cli_resume_after_sigkill(tmp_path):
     assert json.loads(result.stdout)["resumed_blocks"] == done >= 2
     assert _digests(out) == _digests(tmp_path / "ref")
     assert not journal.parent.exists()
+
+
+def test_resume_under_torchrun_is_refused_and_no_journal_is_written(source, tmp_path, monkeypatch):
+    """Each torchrun process holds only its share of the calibration batches, so a journal of one
+    process cannot resume the run: --resume is refused there, and a plain run writes no journal."""
+    from lowbit import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    with pytest.raises(LowbitError, match="single-process run"):
+        lowbit.quantize(lowbit.load_model(str(source)), "w4-g128-gptq", _calib(), journal=tmp_path / "j", resume=True)
+    assert not (tmp_path / "j").exists()

@@ -4,7 +4,7 @@ and Hessians for data-driven algorithms) with forward hooks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +14,9 @@ from torch import nn
 
 from .errors import DataError, LowbitError
 from .primitives import check_finite
-from .ranges import MinMax, MovingMinMax, RangeObserver
+from .ranges import MinMax, MovingMinMax, RangeObserver, merge_samples
 from .recipe import ActivationSpec, LayerScheme
+from .reduction import TreeReducer, gathered, owned
 
 STAT_KINDS = ("channels", "mean", "samples", "hessian", "range")
 
@@ -29,21 +30,26 @@ def forward_batch(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def run_batch(model: nn.Module, batch: Any, index: int) -> None:
+    """Run one calibration batch under inference mode; a batch the model cannot take is a DataError."""
+    with torch.inference_mode():
+        try:
+            forward_batch(model, batch)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            if isinstance(exc, LowbitError):
+                raise
+            raise DataError(
+                f"calibration batch {index} does not fit the model ({exc}); give batches shaped like "
+                "the model's input (a tensor, a tuple of tensors, or a dict of keyword tensors)"
+            ) from exc
+
+
 def run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
     """Run every batch under inference mode; returns how many ran."""
     count = 0
-    with torch.inference_mode():
-        for batch in batches:
-            try:
-                forward_batch(model, batch)
-            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-                if isinstance(exc, LowbitError):
-                    raise
-                raise DataError(
-                    f"calibration batch {count} does not fit the model ({exc}); give batches shaped like "
-                    "the model's input (a tensor, a tuple of tensors, or a dict of keyword tensors)"
-                ) from exc
-            count += 1
+    for batch in batches:
+        run_batch(model, batch, count)
+        count += 1
     if count == 0:
         raise DataError("calibration data is empty; give at least one batch")
     return count
@@ -63,6 +69,8 @@ class LayerStats:
     hessian_sum: torch.Tensor | None = None
     hessian_rows: int = 0
     observer: RangeObserver | None = None
+    pool: torch.Tensor | None = None  # a fair sample of the rows seen
+    peaks: torch.Tensor | None = None  # the rows of largest magnitude seen
 
     @property
     def channel_absmax(self) -> torch.Tensor:
@@ -109,66 +117,107 @@ def _hessian_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _node_seed(seed: int, node: tuple[int, int]) -> int:
+    """A seed fixed by the run's seed and the reduction-tree node, not by the order of work."""
+    return (seed * 1_000_003 + node[0] * 8_191 + node[1] * 131 + 17) % (1 << 62)
+
+
+def _generator(seed: int, node: tuple[int, int]) -> torch.Generator:
+    return torch.Generator().manual_seed(_node_seed(seed, node))
+
+
+def _top_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    if rows.shape[0] > count:
+        rows = rows[rows.abs().amax(dim=1).topk(count).indices]
+    return rows.clone()
+
+
+def _either(a: Any, b: Any, both: Callable[[Any, Any], Any]) -> Any:
+    return b if a is None else a if b is None else both(a, b)
+
+
 class _Collector:
-    """Forward pre-hook state for one layer."""
+    """Forward pre-hook state for one layer. Each call's statistics become a leaf of an ordered
+    reduction over batch indices (lowbit.reduction); the runner brackets every batch with
+    ``begin(index)`` / ``end()`` and calls outside a bracket are not counted."""
 
     def __init__(self, module: nn.Module, kinds: set[str], act: ActivationSpec, max_samples: int, seed: int):
-        self.module, self.kinds, self.max_samples = module, kinds, max_samples
-        self.stats = LayerStats()
-        self.gen = torch.Generator().manual_seed(seed)
-        self._reservoir: torch.Tensor | None = None
-        self._peaks: torch.Tensor | None = None
-        if "range" in kinds:
-            self.stats.observer = RangeObserver(act.range, act.resolved_granularity, seed=seed)
+        self.module, self.kinds, self.act, self.max_samples, self.seed = module, kinds, act, max_samples, seed
+        self.n_peaks = max(1, max_samples // 32)
+        self.tree: TreeReducer[LayerStats] = TreeReducer(self.combine)
+        self.index, self.calls = -1, 0
+        self.current: LayerStats | None = None
+
+    def begin(self, index: int) -> None:
+        self.index, self.calls, self.current = index, 0, None
+
+    def end(self) -> None:
+        if self.index >= 0:
+            self.tree.push(self.index, self.current if self.current is not None else LayerStats())
+        self.index, self.current = -1, None
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.index < 0:
+            return
         x = args[0].detach().float()
         check_finite(
             x,
             f"calibration input of a {type(module).__name__} {tuple(x.shape)}",
             "check the calibration data and that the float model runs on it without overflow",
         )
-        stats = self.stats
+        leaf = self.leaf(module, x, (self.index, 1_000 + self.calls))
+        key = (self.index, -1 - self.calls)
+        self.current = leaf if self.current is None else self.combine(self.current, leaf, key)
+        self.calls += 1
+
+    def leaf(self, module: nn.Module, x: torch.Tensor, node: tuple[int, int]) -> LayerStats:
+        """The statistics of one call's input."""
+        stats = LayerStats()
         rows = _input_rows(module, x)
-        if stats.observer is not None:
+        gen = _generator(self.seed, node)
+        if "range" in self.kinds:
+            seed = _node_seed(self.seed + 1, node)
+            stats.observer = RangeObserver(self.act.range, self.act.resolved_granularity, seed=seed)
             stats.observer.update(rows)
         if "channels" in self.kinds:
-            lo, hi = rows.amin(dim=0), rows.amax(dim=0)
-            stats.channel_min = lo if stats.channel_min is None else torch.minimum(stats.channel_min, lo)
-            stats.channel_max = hi if stats.channel_max is None else torch.maximum(stats.channel_max, hi)
+            stats.channel_min, stats.channel_max = rows.amin(dim=0), rows.amax(dim=0)
         if "mean" in self.kinds:
-            total = rows.double().sum(dim=0)
-            stats.channel_sum = total if stats.channel_sum is None else stats.channel_sum + total
+            stats.channel_sum = rows.double().sum(dim=0)
         if "samples" in self.kinds:
-            self._sample(rows)
+            stats.pool = rows[torch.randperm(rows.shape[0], generator=gen)[: self.max_samples]]
+            stats.peaks = _top_rows(rows, self.n_peaks)
         if "hessian" in self.kinds:
             h_rows = _hessian_rows(module, x).double()
-            step = h_rows.T @ h_rows
-            stats.hessian_sum = step if stats.hessian_sum is None else stats.hessian_sum + step
-            stats.hessian_rows += h_rows.shape[0]
-        stats.rows_seen += rows.shape[0]
+            stats.hessian_sum, stats.hessian_rows = h_rows.T @ h_rows, h_rows.shape[0]
+        stats.rows_seen = rows.shape[0]
+        return stats
 
-    def _sample(self, rows: torch.Tensor) -> None:
-        """Reservoir-style: keep at most ``max_samples`` rows, each seen row equally likely, plus
-        the ``max_samples // 32`` rows of largest magnitude seen (attention-sink tokens and
-        other rare massive activations dominate output error yet are easily missed by chance)."""
-        cap, seen, new = self.max_samples, self.stats.rows_seen, rows.shape[0]
-        pool = self._reservoir
-        if pool is None or pool.shape[0] + new <= cap:
-            pick = rows[torch.randperm(new, generator=self.gen)[:cap]]
-            pool = pick if pool is None else torch.cat([pool, pick])
-        else:
-            keep_old = min(pool.shape[0], round(cap * seen / (seen + new)))
-            old = pool[torch.randperm(pool.shape[0], generator=self.gen)[:keep_old]]
-            fresh = rows[torch.randperm(new, generator=self.gen)[: cap - keep_old]]
-            pool = torch.cat([old, fresh])
-        self._reservoir = pool
-        peaks = rows if self._peaks is None else torch.cat([self._peaks, rows])
-        n_peaks = max(1, cap // 32)
-        if peaks.shape[0] > n_peaks:
-            peaks = peaks[peaks.abs().amax(dim=1).topk(n_peaks).indices]
-        self._peaks = peaks.clone()
-        self.stats.samples = torch.cat([pool, self._peaks])
+    def combine(self, a: LayerStats, b: LayerStats, node: tuple[int, int]) -> LayerStats:
+        """The statistics of ``a``'s rows followed by ``b``'s. Sums, extremes and the peak rows
+        are exact; the row sample draws in proportion to the rows each side saw, seeded by the
+        tree node, so the result does not depend on which process did the work."""
+        gen = _generator(self.seed, node)
+        out = LayerStats(rows_seen=a.rows_seen + b.rows_seen, hessian_rows=a.hessian_rows + b.hessian_rows)
+        out.channel_min = _either(a.channel_min, b.channel_min, torch.minimum)
+        out.channel_max = _either(a.channel_max, b.channel_max, torch.maximum)
+        out.channel_sum = _either(a.channel_sum, b.channel_sum, torch.add)
+        out.hessian_sum = _either(a.hessian_sum, b.hessian_sum, torch.add)
+        out.observer = _either(a.observer, b.observer, lambda p, q: p.merged(q, gen))
+        out.pool = _either(
+            a.pool, b.pool, lambda p, q: merge_samples(p, a.rows_seen, q, b.rows_seen, self.max_samples, gen)
+        )
+        out.peaks = _either(a.peaks, b.peaks, lambda p, q: _top_rows(torch.cat([p, q]), self.n_peaks))
+        return out
+
+
+def finish_statistics(collectors: dict[str, _Collector], count: int) -> dict[str, LayerStats]:
+    """Every collector's statistics over all ``count`` batches, gathered from every process
+    under torchrun and combined in batch order."""
+    stats = gathered({name: c.tree for name, c in collectors.items()}, count)
+    for layer in stats.values():
+        if layer.pool is not None:
+            layer.samples = torch.cat([layer.pool, layer.peaks])
+    return stats
 
 
 def collect_statistics(
@@ -180,7 +229,11 @@ def collect_statistics(
     seed: int = 0,
 ) -> dict[str, LayerStats]:
     """Run ``batches`` once and return, per layer named in ``needs``, the statistics asked for
-    (a subset of STAT_KINDS)."""
+    (a subset of STAT_KINDS). Under torchrun each process runs its share of the batches and
+    the statistics are gathered; they equal the single-process ones to the bit."""
+    batches = list(batches)
+    if not batches:
+        raise DataError("calibration data is empty; give at least one batch")
     collectors: dict[str, _Collector] = {}
     handles = []
     for index, (name, kinds) in enumerate(needs.items()):
@@ -193,11 +246,16 @@ def collect_statistics(
     if not collectors:
         return {}
     try:
-        run_batches(model, batches)
+        for index in owned(len(batches)):
+            for collector in collectors.values():
+                collector.begin(index)
+            run_batch(model, batches[index], index)
+            for collector in collectors.values():
+                collector.end()
     finally:
         for handle in handles:
             handle.remove()
-    return {name: c.stats for name, c in collectors.items()}
+    return finish_statistics(collectors, len(batches))
 
 
 def calibration_data(loaded: Any, path: str | None = None, samples: int = 128, seq_len: int = 512) -> list[Any]:

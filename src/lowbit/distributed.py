@@ -4,7 +4,9 @@ Under ``torchrun --nproc_per_node N -m lowbit ...`` every rank runs the same com
 parts that take long (evaluation windows and batches, sensitivity candidates) are dealt out by
 index, ``rank::world``, and the per-item results are gathered and put back in the original
 order, so the reduction (a sum over windows, a concatenation of embeddings) runs in the same
-order as in one process and gives the same result. Only rank 0 prints and writes files.
+order as in one process and gives the same result. Calibration batches are dealt out in whole
+blocks of an ordered reduction tree (lowbit.reduction), so statistics summed across ranks equal
+the single-process sums to the bit. Only rank 0 prints and writes files.
 Without torchrun's environment everything here is a no-op for a single process.
 """
 
@@ -69,6 +71,23 @@ def gather(local: dict[int, T], count: int) -> list[T]:
     if missing:
         raise RuntimeError(f"distributed gather: items {missing[:5]} were computed by no rank")
     return [merged[i] for i in range(count)]
+
+
+def all_objects(local: Any) -> list[Any]:
+    """Every rank's ``local`` object, in rank order (on every rank)."""
+    if world() == 1:
+        return [local]
+    parts: list[Any] = [None] * world()
+    dist.all_gather_object(parts, _cpu_tree(local))
+    return parts
+
+
+def _cpu_tree(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _cpu_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_tree(v) for v in value)
+    return _cpu(value)
 
 
 def _cpu(value: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import sparse
+from . import distributed, sparse
 from .algorithms import Algorithm, as_result, get_algorithm
 from .algorithms.awq import search_scales
 from .calibration import collect_statistics
@@ -148,7 +148,7 @@ class _Quantizer:
         self.record.seconds[name] = time.perf_counter() - start
 
     def block(
-        self, block: nn.Module, prefix: str, names: list[str], stats: dict, inputs: dict, norm_outputs: dict, calls
+        self, block: nn.Module, prefix: str, names: list[str], stats: dict, inputs: dict, norm_outputs: dict, probe
     ) -> None:
         """Quantize the named layers of one block; AWQ layers reading the same input share their
         scales, which are then folded into the producing norm where that leaves the block unchanged."""
@@ -170,7 +170,7 @@ class _Quantizer:
         for members in groups.values():
             producer = next((n for n, out in norm_outputs.items() if out is inputs[members[0]]), None)
             foldable = producer is not None and len(members) > 1 and all(m in shared for m in members)
-            if foldable and fold_into_norm(block, prefix, producer, members, calls[0]):
+            if foldable and fold_into_norm(block, prefix, producer, members, probe):
                 self.record.folded[producer] = members
 
 
@@ -240,6 +240,13 @@ def quantize(
     inside = {n for n in plan if blocks is not None and n.startswith(blocks[0] + ".")}
     if inside and any(needs[n] for n in inside):
         block_journal = None
+        if journal is not None and distributed.world() > 1:
+            if resume:
+                raise SpecError(
+                    "--resume continues a single-process run (each torchrun process holds only its share of "
+                    "the calibration batches); run the resumed job without torchrun, or drop --resume"
+                )
+            journal = None  # no crash journal under torchrun
         if journal is not None:
             from .journal import BlockJournal, fingerprint
 

@@ -236,6 +236,20 @@ def estimator_from_dict(data: dict[str, Any] | str) -> RangeEstimator:
     return cls(**fields)
 
 
+def merge_samples(
+    first: torch.Tensor, first_seen: int, second: torch.Tensor, second_seen: int, cap: int, gen: torch.Generator
+) -> torch.Tensor:
+    """At most ``cap`` rows drawn from two row samples, each side in proportion to the rows it
+    stands for (``*_seen``), so the result stays a fair sample of both streams."""
+    if first.shape[0] + second.shape[0] <= cap:
+        return torch.cat([first, second])
+    keep = round(cap * first_seen / max(1, first_seen + second_seen))
+    keep = min(first.shape[0], cap, max(keep, cap - second.shape[0]))
+    old = first[torch.randperm(first.shape[0], generator=gen)[:keep]]
+    new = second[torch.randperm(second.shape[0], generator=gen)[: cap - keep]]
+    return torch.cat([old, new])
+
+
 class RangeObserver:
     """Accumulates activation statistics over calibration batches for one tensor.
 
@@ -258,6 +272,7 @@ class RangeObserver:
         self.hi: torch.Tensor | None = None
         self.sample: torch.Tensor | None = None
         self.rows_seen = 0
+        self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # per-update ranges (moving average)
 
     def update(self, x: torch.Tensor) -> None:
         """Add one batch (any shape whose last dimension is the feature dimension)."""
@@ -274,8 +289,31 @@ class RangeObserver:
             self.lo, self.hi = m * self.lo + (1 - m) * lo, m * self.hi + (1 - m) * hi
         else:
             self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+        if isinstance(self.estimator, MovingMinMax):
+            self.history.append((lo, hi))
         if not isinstance(self.estimator, (MinMax, MovingMinMax)):
             self._keep(rows)
+        else:
+            self.rows_seen += rows.shape[0]
+
+    def merged(self, later: RangeObserver, gen: torch.Generator) -> RangeObserver:
+        """One observer for this one's batches followed by ``later``'s (the moving average is
+        replayed in batch order; the row samples are merged in proportion to the rows each saw,
+        drawing with ``gen``), so calibration split across processes equals one pass."""
+        out = RangeObserver(self.estimator, self.granularity, self.max_samples)
+        out.rows_seen = self.rows_seen + later.rows_seen
+        out.history = self.history + later.history
+        if isinstance(self.estimator, MovingMinMax):
+            m = self.estimator.momentum
+            out.lo, out.hi = out.history[0]
+            for lo, hi in out.history[1:]:
+                out.lo, out.hi = m * out.lo + (1 - m) * lo, m * out.hi + (1 - m) * hi
+        else:
+            out.lo, out.hi = torch.minimum(self.lo, later.lo), torch.maximum(self.hi, later.hi)
+        if self.sample is not None and later.sample is not None:
+            cap = max(1, self.max_samples // self.sample.shape[1])
+            out.sample = merge_samples(self.sample, self.rows_seen, later.sample, later.rows_seen, cap, gen)
+        return out
 
     def _keep(self, rows: torch.Tensor) -> None:
         cap = max(1, self.max_samples // rows.shape[1])

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import LayerStats, _Collector, forward_batch
+from .calibration import LayerStats, _Collector, finish_statistics, forward_batch
 from .errors import CheckpointError
+from .reduction import owned
 
 Call = tuple[tuple, dict]
 
@@ -112,11 +113,20 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def block_statistics(
-    block: nn.Module, prefix: str, needs: dict[str, set[str]], plan: dict, calls: list[Call], seed: int = 0
+    block: nn.Module,
+    prefix: str,
+    needs: dict[str, set[str]],
+    plan: dict,
+    calls: dict[int, Call],
+    count: int,
+    probe: Call,
+    seed: int = 0,
 ) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Statistics of the block's layers from its recorded inputs; plus, from the first call,
-    each layer's input tensor and each norm module's output tensor (kept alive, so layers
-    reading the very same tensor, and the norm that produced it, can be recognised)."""
+    """Statistics of the block's layers from its recorded inputs (``calls``: this process's
+    share, by batch index, of ``count`` batches; gathered across processes under torchrun);
+    plus, from one call, each layer's input tensor and each norm module's output tensor (kept
+    alive, so layers reading the very same tensor, and the norm that produced it, can be
+    recognised). A process without batches of its own runs ``probe`` for the latter."""
     collectors: dict[str, _Collector] = {}
     inputs: dict[str, torch.Tensor] = {}
     norm_outputs: dict[str, torch.Tensor] = {}
@@ -141,12 +151,18 @@ def block_statistics(
             handles.append(module.register_forward_hook(first_output))
     try:
         with torch.inference_mode():
-            for call in calls:
+            for index, call in calls.items():
+                for collector in collectors.values():
+                    collector.begin(index)
                 run_block(block, call)
+                for collector in collectors.values():
+                    collector.end()
+            if not calls:
+                run_block(block, probe)  # structure only: no collector is inside a batch
     finally:
         for handle in handles:
             handle.remove()
-    return {name: c.stats for name, c in collectors.items()}, inputs, norm_outputs
+    return finish_statistics(collectors, count), inputs, norm_outputs
 
 
 def fold_into_norm(block: nn.Module, prefix: str, norm_name: str, layers: list[str], call: Call) -> bool:
@@ -222,11 +238,22 @@ def run_sequential(
 ) -> None:
     """Quantize the layers inside ``blocks`` one block at a time, and inside a block one stage
     (layers sharing an input) at a time; ``quantize_block(block, prefix, names, stats, inputs,
-    norm_outputs, calls)`` swaps the named layers. With a ``journal`` (lowbit.journal.BlockJournal,
+    norm_outputs, probe)`` swaps the named layers (``probe`` is batch 0's call, for checks that
+    must decide the same way in every process). With a ``journal`` (lowbit.journal.BlockJournal,
     its saved blocks already restored) the run starts after the saved blocks and saves each block
-    it finishes."""
+    it finishes.
+
+    Under torchrun each process carries only its share of the batches through the blocks (plus
+    batch 0 as the probe); statistics are gathered in batch order, every process quantizes the
+    same way, and the result equals one process's to the bit."""
     blocks_name, module_list = blocks
-    calls = capture_inputs(model, blocks_name, batches)
+    mine = owned(len(batches))
+    if journal is not None and len(mine) != len(batches):
+        raise CheckpointError("a block journal needs every calibration batch in one process; run without torchrun")
+    extra = [] if 0 in mine else [0]
+    captured = capture_inputs(model, blocks_name, [batches[i] for i in mine + extra])
+    calls = dict(zip(mine, captured[: len(mine)], strict=True))
+    separate_probe = captured[-1] if extra else None
     start = 0
     if journal is not None and journal.done:
         saved = journal.saved_hidden
@@ -235,27 +262,33 @@ def run_sequential(
                 f"{journal.directory}: the journal holds {len(saved)} calibration batches, the run has "
                 f"{len(calls)}; run without --resume to start over"
             )
-        start, calls = journal.done, [_with_hidden(call, h) for call, h in zip(calls, saved)]
+        start = journal.done
+        calls = {i: _with_hidden(call, h) for (i, call), h in zip(calls.items(), saved, strict=True)}
     for index, block in enumerate(module_list):
         if index < start:
             continue
+        probe = separate_probe if separate_probe is not None else calls[0]
         prefix = f"{blocks_name}.{index}."
         if progress is not None:
             progress(f"block {index + 1}/{len(module_list)}", index, len(module_list))
         block_needs = {name: kinds for name, kinds in needs.items() if name.startswith(prefix)}
         if block_needs:
             layers = [name for name in plan if name.startswith(prefix)]
-            stages = block_stages(block, prefix, layers, calls[0])
+            stages = block_stages(block, prefix, layers, probe)
             staged = {name for stage in stages for name in stage}
             unseen = [name for name in layers if name not in staged]  # never called: no statistics
             for number, stage in enumerate(stages):
                 stage_needs = {name: block_needs[name] for name in stage if name in block_needs}
                 stats, inputs, norm_outputs = {}, {}, {}
                 if any(stage_needs.values()):
-                    stats, inputs, norm_outputs = block_statistics(block, prefix, stage_needs, plan, calls)
+                    stats, inputs, norm_outputs = block_statistics(
+                        block, prefix, stage_needs, plan, calls, len(batches), probe
+                    )
                 names = stage + unseen if number == len(stages) - 1 else stage
-                quantize_block(block, prefix, names, stats, inputs, norm_outputs, calls)
+                quantize_block(block, prefix, names, stats, inputs, norm_outputs, probe)
         with torch.inference_mode():
-            calls = [_with_hidden(call, run_block(block, call)) for call in calls]
+            calls = {i: _with_hidden(call, run_block(block, call)) for i, call in calls.items()}
+            if separate_probe is not None:
+                separate_probe = _with_hidden(separate_probe, run_block(block, separate_probe))
         if journal is not None:
-            journal.save(index, block, prefix, [_hidden(call) for call in calls])
+            journal.save(index, block, prefix, [_hidden(call) for call in calls.values()])

@@ -179,7 +179,7 @@ def test_block_stages_group_layers_by_shared_input_in_execution_order():
 
 
 def test_calibration_samples_always_keep_the_rare_massive_rows():
-    from lowbit.calibration import _Collector
+    from lowbit.calibration import _Collector, finish_statistics
     from lowbit.recipe import ActivationSpec
 
     layer = torch.nn.Linear(8, 4)
@@ -189,7 +189,9 @@ def test_calibration_samples_always_keep_the_rare_massive_rows():
         rows = torch.randn(32, 8, generator=gen)
         if step == 17:
             rows[5, 3] = 1000.0
+        collector.begin(step)
         collector(layer, (rows,))
-    samples = collector.stats.samples
+        collector.end()
+    samples = finish_statistics({"layer": collector}, 50)["layer"].samples
     assert samples.shape[0] == 64 + 2  # the reservoir plus max_samples // 32 peak rows
     assert float(samples.abs().max()) == 1000.0

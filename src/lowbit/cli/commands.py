@@ -194,7 +194,7 @@ def quantize_cmd(
         return
     loaded = load_model(model)
     batches = calibration_data(loaded, calib, samples, seq_len) if resolved.needs_calibration else None
-    journal = out.parent / f".{out.name}.journal" if distributed.is_main() else None
+    journal = out.parent / f".{out.name}.journal"
     with bars(quiet) as bar:
         quantize(loaded, resolved, batches, progress=bar("quantize"), journal=journal, resume=resume)
     if distributed.is_main():  # under torchrun every rank quantizes the same way; one writes
