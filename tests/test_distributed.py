@@ -173,3 +173,30 @@ def test_calibration_split_over_two_ranks_quantizes_bit_identically(tmp_path):
     assert (a.pop("world"), b.pop("world")) == (1, 2)
     assert len(a) == 10
     assert a == b
+
+
+def test_cli_quantize_under_torchrun_writes_the_single_process_checkpoint(bert_checkpoint, tmp_path):
+    import hashlib
+
+    model, _ = bert_checkpoint
+    digests = []
+    for run, name in ((_single, "one"), (_torchrun, "two")):
+        out = tmp_path / name
+        args = [
+            "-m",
+            "lowbit",
+            "quantize",
+            str(model),
+            "-r",
+            "w4-g128-gptq",
+            "-o",
+            str(out),
+            "--samples",
+            "40",
+        ]  # 3 batches
+        result = run(tmp_path, *args, "--json")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count('"recipe"') == 1  # only rank 0 printed
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())})
+    assert digests[0] == digests[1] and "model.safetensors" in digests[0]
+    assert not list(tmp_path.glob(".*.journal"))
