@@ -1,4 +1,5 @@
-"""MiniLM exported to ONNX and run by ONNX Runtime, next to lowbit in PyTorch and float PyTorch.
+"""MiniLM and a Fashion-MNIST CNN exported to ONNX and run by ONNX Runtime, next to lowbit in
+PyTorch and float PyTorch.
 
 For each recipe (int8-dynamic, w8-weight, w4-g128): latency at batch 1 x 32 and 16 x 128 tokens
 (real WikiText-2 sentences padded to that length) of the ONNX file in onnxruntime (CPU) and of
@@ -146,13 +147,96 @@ def run(sentences: int, seconds: float) -> dict:
     return {"model": "builtin:minilm", "sentences": len(texts), "rows": rows}
 
 
+def fashion(seconds: float, epochs: int) -> dict:
+    """The Fashion-MNIST CNN of bench/qat.py (trained here): per recipe, test accuracy and
+    latency of lowbit in PyTorch and of its ONNX export in ONNX Runtime, and how far the two
+    outputs are apart (largest logit difference relative to the largest logit, top-1 agreement)."""
+    import copy
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lowbit.qat import fit
+    from qat import small_cnn
+
+    def normalise(images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - 0.2860) / 0.3530
+
+    train, test = data.fashion_mnist("train"), data.fashion_mnist("test")
+    x_train, x_test = normalise(train.images), normalise(test.images)
+    batches = [x_train[i : i + 128] for i in range(0, len(x_train), 128)]
+    labels = {id(b): train.labels[i : i + 128] for b, i in zip(batches, range(0, len(x_train), 128))}
+    torch.manual_seed(0)
+    model = small_cnn()
+    fit(model, batches, targets=lambda b: labels[id(b)], epochs=epochs, lr=2e-3, seed=0)
+    model.eval()
+    shapes = {"1": x_test[:1], "256": x_test[:256]}
+
+    def logits(fn) -> torch.Tensor:
+        return torch.cat([fn(x_test[i : i + 500]) for i in range(0, len(x_test), 500)])
+
+    def timed(fn) -> dict:
+        return {
+            f"ms_batch{k}": round(latency(lambda x=x: fn(x), warmup=3, repeat=10, min_seconds=seconds)["median_ms"], 3)
+            for k, x in shapes.items()
+        }
+
+    def torch_run(m):
+        def run(x):
+            with torch.inference_mode():
+                return m(x)
+
+        return run
+
+    def ort_run(sess):
+        return lambda x: torch.from_numpy(sess.run(None, {"pixel_values": x.numpy()})[0])
+
+    def accuracy(out: torch.Tensor) -> float:
+        return round(float((out.argmax(-1) == test.labels).float().mean()), 4)
+
+    ref = logits(torch_run(model))
+    rows = [{"label": "fp32 torch eager", **timed(torch_run(model)), "test_accuracy": accuracy(ref)}]
+    work = Path(tempfile.mkdtemp(prefix="lowbit-onnx-cnn-"))
+    for recipe in ("w8-weight", "w8a8-static"):
+        q = copy.deepcopy(model)
+        lowbit.quantize(q, recipe, calib=batches[:16])
+        ckpt = lowbit.save(q, work / recipe)
+        ours = logits(torch_run(q))
+        rows.append({"label": f"{recipe} lowbit torch eager", **timed(torch_run(q)), "test_accuracy": accuracy(ours)})
+        info = export(ckpt, work / f"{recipe}.onnx", module=small_cnn().eval(), example=x_test[:2])
+        sess = session(work / f"{recipe}.onnx")
+        theirs = logits(ort_run(sess))
+        rows.append(
+            {
+                "label": f"{recipe} onnxruntime",
+                **timed(ort_run(sess)),
+                "test_accuracy": accuracy(theirs),
+                "max_rel_diff_vs_lowbit": round(float((theirs - ours).abs().max() / ours.abs().max()), 6),
+                "top1_agreement_vs_lowbit": round(float((theirs.argmax(-1) == ours.argmax(-1)).float().mean()), 4),
+                "layers": info["layers"],
+            }
+        )
+    for row in rows:
+        for k in shapes:
+            row[f"speedup_batch{k}"] = round(rows[0][f"ms_batch{k}"] / row[f"ms_batch{k}"], 2)
+    return {
+        "model": "small CNN (bench/qat.py), Fashion-MNIST",
+        "train_epochs": epochs,
+        "test_images": len(x_test),
+        "rows": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sentences, shorter timings")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["minilm", "fashion"])
     parser.add_argument("--out", type=Path, help="also write the JSON here (e.g. bench/results/export_onnx.json)")
     args = parser.parse_args()
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    result["minilm"] = run(100 if args.quick else 500, 0.5 if args.quick else 2.0)
+    if "minilm" not in args.skip:
+        result["minilm"] = run(100 if args.quick else 500, 0.5 if args.quick else 2.0)
+    if "fashion" not in args.skip:
+        result["fashion_mnist"] = fashion(0.5 if args.quick else 2.0, 1 if args.quick else 2)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out is not None:

@@ -5,7 +5,8 @@ held-out data. Prints one JSON object.
    at the size of uniform w4-g128 and of uniform w3-g128, each quantized and evaluated on
    WikiText-2 test perplexity next to the uniform preset (same layers, same evaluation).
 2. MiniLM: the smallest plan whose predicted 1 - cosine stays within --max-drop, verified on
-   WikiText-2 test sentences, next to uniform int8 (w8-weight).
+   WikiText-2 test sentences, next to uniform int8 (w8-weight). The same for a small CNN
+   trained on Fashion-MNIST, with the budget on test accuracy.
 3. SmolLM2 2:4 sparsity + w4 (w4-g128-2of4) next to dense w4-g128: perplexity and size.
 
     nice .venv/bin/python bench/planning.py > bench/results/planning.json
@@ -120,19 +121,97 @@ def minilm(args) -> dict[str, Any]:
     }
 
 
+def fashion(args) -> dict[str, Any]:
+    """A small CNN trained on Fashion-MNIST (the first 55,000 training images): sensitivity on the
+    last 5,000 (damage = drop of the expected accuracy), the smallest plan within --max-drop,
+    verified by test-set accuracy (10,000 images) next to uniform int8."""
+    import copy
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lowbit import data
+    from lowbit.evaluation.size import model_size
+    from lowbit.planning.sensitivity import measure
+    from lowbit.qat import fit
+    from lowbit.recipe import Recipe
+    from qat import accuracy, small_cnn
+
+    def batches(images: torch.Tensor, labels: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = (images.float() / 255.0 - 0.2860) / 0.3530
+        return [(x[i : i + size], labels[i : i + size]) for i in range(0, len(x), size)]
+
+    train_set, test_set = data.fashion_mnist("train"), data.fashion_mnist("test")
+    train = batches(train_set.images[:55_000], train_set.labels[:55_000], 128)
+    valid = batches(train_set.images[55_000:], train_set.labels[55_000:], 500)
+    test = batches(test_set.images, test_set.labels, 500)
+
+    class Split:  # the interface bench/qat.accuracy expects
+        def __init__(self, pairs):
+            self.batches, self.y = [x for x, _ in pairs], torch.cat([y for _, y in pairs])
+            self._labels = {id(x): y for x, y in pairs}
+
+        def target(self, x):
+            return self._labels[id(x)]
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    start = time.perf_counter()
+    fit(model, [x for x, _ in train], targets=Split(train).target, epochs=args.cnn_epochs, lr=2e-3, seed=0)
+    model.eval()
+    float_acc = accuracy(model, Split(test))
+    log(f"fashion-mnist CNN float {float_acc:.4f} ({time.perf_counter() - start:.0f} s)")
+    loaded = lowbit.load_model(model, kind="image-classifier")
+    start = time.perf_counter()
+    table = measure(
+        loaded, [x for x, _ in train[:8]], [x for x, _ in valid], args.cnn_candidates, labels=[y for _, y in valid]
+    )
+    seconds = time.perf_counter() - start
+    planned = make_plan(loaded, table, max_drop=args.max_drop)
+    rows = []
+    for label, recipe in (("plan", planned["recipe"]), ("uniform int8", _uniform(table, "w8-weight")[0])):
+        q = copy.deepcopy(model)
+        lowbit.quantize(q, Recipe.from_dict(recipe))
+        size = model_size(q)
+        acc = accuracy(q, Split(test))
+        rows.append(
+            {"label": label, "test_accuracy": acc, "accuracy_drop": float_acc - acc, "size_mb": size["bytes"] / 1e6,
+             "bits_per_weight": size["quantized_bits_per_weight"]}
+        )  # fmt: skip
+        log(f"  {label}: accuracy {acc:.4f} (drop {float_acc - acc:+.4f}), {size['bytes'] / 1e6:.3f} MB")
+    rows[0].update(predicted_damage=planned["plan"]["predicted_damage"], counts=planned["plan"]["counts"])
+    return {
+        "model": "small CNN (4 conv + 2 linear), Fashion-MNIST",
+        "train_epochs": args.cnn_epochs,
+        "float_test_accuracy": float_acc,
+        "metric": table["metric"],
+        "sensitivity_seconds": seconds,
+        "candidates": table["candidates"],
+        "max_drop": args.max_drop,
+        "rows": rows,
+        "within_budget": rows[0]["accuracy_drop"] <= args.max_drop,
+        "smaller_than_int8": rows[0]["size_mb"] < rows[1]["size_mb"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16, help="sensitivity calibration samples")
     parser.add_argument("--max-tokens", type=int, default=8192, help="WikiText-2 test tokens for perplexity")
-    parser.add_argument("--max-drop", type=float, default=0.01, help="MiniLM budget on 1 - cosine")
+    parser.add_argument("--max-drop", type=float, default=0.01, help="budget: 1 - cosine (MiniLM), accuracy (CNN)")
     parser.add_argument("--lm-candidates", nargs="+", default=["w8-weight", "w4-g128", "w3-g128", "w2-g64"])
     parser.add_argument("--encoder-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "nf4-g64"])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "minilm"])
+    parser.add_argument(
+        "--cnn-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64"]
+    )
+    parser.add_argument("--cnn-epochs", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "minilm", "fashion"])
     args = parser.parse_args()
     torch.manual_seed(0)
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     if "minilm" not in args.skip:
         out["minilm"] = minilm(args)
+    if "fashion" not in args.skip:
+        out["fashion_mnist"] = fashion(args)
     if "smollm2" not in args.skip:
         out["smollm2"] = smollm2(args)
     json.dump(out, sys.stdout, indent=2)

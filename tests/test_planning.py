@@ -192,3 +192,51 @@ def test_cli_plan_refuses_two_budgets_before_any_work(tmp_path):
                           timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "exactly one budget" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def _mlp_classifier(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)
+    ).eval()
+
+
+def test_classifier_sensitivity_with_labels_is_the_expected_accuracy_drop(tmp_path, monkeypatch):
+    from lowbit.planning.sensitivity import Metric
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    model = _mlp_classifier(0)
+    gen = torch.Generator().manual_seed(1)
+    x = [torch.randn(32, 64, generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        y = [model(b).argmax(-1) for b in x]  # labels the float model gets right
+    metric = Metric("image-classifier", model, x, y)
+    noisy = _mlp_classifier(0)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    with torch.no_grad():
+        expected = sum(
+            float(model(b).softmax(-1).gather(1, t[:, None]).mean() - noisy(b).softmax(-1).gather(1, t[:, None]).mean())
+            for b, t in zip(x, y)
+        ) / len(x)
+    assert metric.damage(noisy) == pytest.approx(expected, rel=1e-6) and expected > 0
+    loaded = lowbit.load_model(model, kind="image-classifier")
+    table = measure(loaded, x[:2], x, ["w8-weight", "w2-g64"], labels=y)
+    assert table["metric"] == "expected accuracy drop"
+    first = next(iter(table["layers"].values()))["options"]
+    assert first["w2-g64"]["damage"] > first["w8-weight"]["damage"]
+    with pytest.raises(SpecError, match="one tensor per evaluation batch"):
+        Metric("image-classifier", model, x, y[:2])
+
+
+def test_sensitivity_cache_of_a_module_follows_its_weights(tmp_path, monkeypatch):
+    """Two modules of the same class and data but different weights never share a cached table."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    gen = torch.Generator().manual_seed(2)
+    x = [torch.randn(16, 64, generator=gen) for _ in range(2)]
+    tables = [
+        measure(lowbit.load_model(_mlp_classifier(seed), kind="image-classifier"), x, x, ["w4-g128"]) for seed in (0, 1)
+    ]
+    assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 2
+    assert tables[0]["layers"] != tables[1]["layers"]

@@ -4,7 +4,8 @@ quantizing that layer alone.
 Two measurements per (layer, candidate): the layer's relative output error on sampled
 calibration inputs, and the end-to-end change of the model's metric with only that layer
 quantized (mean token loss for causal LMs, 1 - mean sentence-embedding cosine for encoders,
-KL divergence of predictions for classifiers: smoother than accuracy on small sets). The
+KL divergence of predictions for classifiers: smoother than accuracy on small sets; with labels,
+the drop of the expected accuracy, the mean probability of the true class). The
 table is cached on disk, keyed by model digest, candidates and data.
 """
 
@@ -35,6 +36,7 @@ from .targets import get_target
 
 DEFAULT_CANDIDATES = ("fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64", "w4-g128-2of4")
 METRICS = {"causal-lm": "loss increase", "encoder": "1 - cosine", "image-classifier": "KL divergence"}
+EXPECTED_ACCURACY = "expected accuracy drop"
 
 
 def candidate_scheme(name: str) -> LayerScheme:
@@ -45,8 +47,15 @@ def candidate_scheme(name: str) -> LayerScheme:
 class Metric:
     """End-to-end damage of a model relative to its float reference, on fixed batches."""
 
-    def __init__(self, kind: str, model: nn.Module, batches: list[Any]) -> None:
-        self.kind, self.batches = kind, batches
+    def __init__(
+        self, kind: str, model: nn.Module, batches: list[Any], labels: list[torch.Tensor] | None = None
+    ) -> None:
+        self.kind, self.batches, self.labels = kind, batches, labels
+        if labels is not None and (kind in ("causal-lm", "encoder") or len(labels) != len(batches)):
+            raise SpecError(
+                f"labels are for classifiers, one tensor per evaluation batch (got {len(labels)} for "
+                f"{len(batches)} batches of a {kind} model)"
+            )
         self.reference = [self.outputs(model, b) for b in batches]
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -63,7 +72,7 @@ class Metric:
     def damage(self, model: nn.Module) -> float:
         """Loss increase (LM), 1 - cosine (encoder) or KL to the float predictions (classifier)."""
         total = 0.0
-        for batch, ref in zip(self.batches, self.reference):
+        for index, (batch, ref) in enumerate(zip(self.batches, self.reference, strict=True)):
             out = self.outputs(model, batch)
             if self.kind == "causal-lm":
                 ids = batch["input_ids"][:, 1:].flatten()
@@ -72,6 +81,9 @@ class Metric:
                 )
             elif self.kind == "encoder":
                 total += float(1.0 - (out * ref).sum(-1).mean())
+            elif self.labels is not None:  # drop of the expected accuracy (mean probability of the true class)
+                y = self.labels[index].reshape(-1, 1)
+                total += float(ref.softmax(-1).gather(1, y).mean() - out.softmax(-1).gather(1, y).mean())
             else:
                 total += float(
                     F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
@@ -117,13 +129,25 @@ def layer_error(layer: nn.Module, quantized: nn.Module, samples: torch.Tensor | 
 
 
 def _digest(loaded: Loaded, names: list[str], batches: list[Any], extra: str) -> str:
+    """Cache key: the weights (file digest, or the tensors of a model given as a module), the
+    layers and candidates, the data and the rest of the question."""
     h = hashlib.sha256()
     for text in (loaded.sha256 or loaded.source, json.dumps(names), extra):
         h.update(text.encode())
+    tensors: list[Any] = []
+    if loaded.sha256 is None:  # an nn.Module: its class name says nothing about its weights
+        tensors += [t for _, t in sorted(loaded.model.state_dict().items())]
     for batch in batches:
-        for t in batch.values() if isinstance(batch, dict) else [batch]:
-            if torch.is_tensor(t):
-                h.update(t.contiguous().cpu().numpy().tobytes())
+        tensors += (
+            list(batch.values())
+            if isinstance(batch, dict)
+            else list(batch)
+            if isinstance(batch, (list, tuple))
+            else [batch]
+        )
+    for t in tensors:
+        if torch.is_tensor(t):
+            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
 
 
@@ -135,8 +159,11 @@ def measure(
     target: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     use_cache: bool = True,
+    labels: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """The sensitivity table: per layer, per candidate: bytes, bits/weight, layer error, damage."""
+    """The sensitivity table: per layer, per candidate: bytes, bits/weight, layer error, damage.
+    With ``labels`` (one tensor of class indices per evaluation batch) a classifier's damage is
+    the drop of its expected accuracy (mean probability of the true class) instead of the KL."""
     names = list(candidates or DEFAULT_CANDIDATES)
     if target is not None:
         names = [n for n in names if get_target(target).supports(candidate_scheme(n))[0]]
@@ -147,7 +174,7 @@ def measure(
     layers = list(Recipe(name="all", rules=(Rule(schemes[names[0]], types=("Linear", "Conv2d")),)).resolve(model))
     if not layers:
         raise SpecError("the model has no quantizable Linear/Conv2d layer (the head and embeddings stay float)")
-    key = _digest(loaded, names + layers, calib + evaluation, target or "")
+    key = _digest(loaded, names + layers, calib + evaluation + list(labels or []), target or "")
     path = cache_dir() / "sensitivity" / f"{key}.json"
     if use_cache and path.is_file():
         return json.loads(path.read_text())
@@ -158,7 +185,7 @@ def measure(
     }
     plan = {n: schemes[names[0]] for n in layers}
     stats = collect_statistics(model, plan, calib, needs)
-    metric = Metric(loaded.kind, model, evaluation)
+    metric = Metric(loaded.kind, model, evaluation, labels)
     pairs = [(name, cand) for name in layers for cand in names]
     local: dict[int, dict[str, Any]] = {}
     for index in distributed.mine(len(pairs)):  # every pair, or this rank's share under torchrun
@@ -194,7 +221,7 @@ def measure(
     result = {
         "model": loaded.source,
         "kind": loaded.kind,
-        "metric": METRICS[loaded.kind],
+        "metric": METRICS[loaded.kind] if labels is None else EXPECTED_ACCURACY,
         "candidates": names,
         "target": target,
         "layers": table,
