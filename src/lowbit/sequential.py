@@ -112,6 +112,10 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
+class _StageDone(Exception):
+    """Ends a block's forward once the stage being calibrated has seen its inputs."""
+
+
 def block_statistics(
     block: nn.Module,
     prefix: str,
@@ -121,12 +125,17 @@ def block_statistics(
     count: int,
     probe: Call,
     seed: int = 0,
+    stop_early: bool = False,
 ) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Statistics of the block's layers from its recorded inputs (``calls``: this process's
     share, by batch index, of ``count`` batches; gathered across processes under torchrun);
     plus, from one call, each layer's input tensor and each norm module's output tensor (kept
     alive, so layers reading the very same tensor, and the norm that produced it, can be
-    recognised). A process without batches of its own runs ``probe`` for the latter."""
+    recognised). A process without batches of its own runs ``probe`` for the latter.
+
+    ``stop_early`` (for layers that run once per forward) ends each forward as soon as every
+    layer of the stage has seen its input: the rest of the block does not change the statistics,
+    and skipping it makes the early stages of a block nearly free."""
     collectors: dict[str, _Collector] = {}
     inputs: dict[str, torch.Tensor] = {}
     norm_outputs: dict[str, torch.Tensor] = {}
@@ -149,16 +158,32 @@ def block_statistics(
                 norm_outputs.setdefault(name, output)
 
             handles.append(module.register_forward_hook(first_output))
+    pending: set[str] = set()
+    if stop_early:
+        for name in collectors:
+
+            def done(module, args, name=name):
+                pending.discard(name)
+                if not pending:
+                    raise _StageDone
+
+            handles.append(block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(done))
+
+    def forward(call: Call) -> None:
+        pending.update(collectors)
+        with contextlib.suppress(_StageDone):
+            run_block(block, call)
+
     try:
         with torch.inference_mode():
             for index, call in calls.items():
                 for collector in collectors.values():
                     collector.begin(index)
-                run_block(block, call)
+                forward(call)
                 for collector in collectors.values():
                     collector.end()
             if not calls:
-                run_block(block, probe)  # structure only: no collector is inside a batch
+                forward(probe)  # structure only: no collector is inside a batch
     finally:
         for handle in handles:
             handle.remove()
@@ -197,10 +222,13 @@ def fold_into_norm(block: nn.Module, prefix: str, norm_name: str, layers: list[s
     return False
 
 
-def block_stages(block: nn.Module, prefix: str, names: list[str], call: Call) -> list[list[str]]:
+def block_stages(
+    block: nn.Module, prefix: str, names: list[str], call: Call, counts: dict[str, int] | None = None
+) -> list[list[str]]:
     """The block's layers grouped by the input tensor they read, in execution order (e.g. q/k/v,
     then o, then gate/up, then down): each stage is quantized before the next one's statistics
-    are taken, so later layers calibrate on the inputs the quantized layers really produce."""
+    are taken, so later layers calibrate on the inputs the quantized layers really produce.
+    ``counts``, if given, receives how often each layer ran in one forward of the block."""
     seen: dict[int, list[str]] = {}
     keep: list[torch.Tensor] = []  # keeps inputs alive so their ids stay unique
     handles = []
@@ -209,6 +237,8 @@ def block_stages(block: nn.Module, prefix: str, names: list[str], call: Call) ->
         def record(module, args, name=name):
             keep.append(args[0])
             seen.setdefault(id(args[0]), []).append(name)
+            if counts is not None:
+                counts[name] = counts.get(name, 0) + 1
 
         handles.append(block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(record))
     try:
@@ -274,7 +304,9 @@ def run_sequential(
         block_needs = {name: kinds for name, kinds in needs.items() if name.startswith(prefix)}
         if block_needs:
             layers = [name for name in plan if name.startswith(prefix)]
-            stages = block_stages(block, prefix, layers, probe)
+            counts: dict[str, int] = {}
+            stages = block_stages(block, prefix, layers, probe, counts)
+            once = all(n == 1 for n in counts.values())  # no layer runs twice per forward
             staged = {name for stage in stages for name in stage}
             unseen = [name for name in layers if name not in staged]  # never called: no statistics
             for number, stage in enumerate(stages):
@@ -282,7 +314,7 @@ def run_sequential(
                 stats, inputs, norm_outputs = {}, {}, {}
                 if any(stage_needs.values()):
                     stats, inputs, norm_outputs = block_statistics(
-                        block, prefix, stage_needs, plan, calls, len(batches), probe
+                        block, prefix, stage_needs, plan, calls, len(batches), probe, stop_early=once
                     )
                 names = stage + unseen if number == len(stages) - 1 else stage
                 quantize_block(block, prefix, names, stats, inputs, norm_outputs, probe)
