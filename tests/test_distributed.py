@@ -35,6 +35,17 @@ def _torchrun(tmp_path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _script_once_and_on_two_ranks(tmp_path, source: str) -> tuple[dict, dict]:
+    """Run a Python script in one process and under torchrun with 2 ranks; the JSON each printed."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    one = _single(tmp_path, str(script))
+    two = _torchrun(tmp_path, str(script))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    return json.loads(one.stdout), json.loads(two.stdout)
+
+
 @pytest.fixture(scope="module")
 def bert_checkpoint(tmp_path_factory):
     from transformers import BertConfig, BertModel, BertTokenizer
@@ -104,13 +115,7 @@ PERPLEXITY = textwrap.dedent(
 
 
 def test_perplexity_windows_split_over_two_ranks_equal_one(tmp_path):
-    script = tmp_path / "ppl.py"
-    script.write_text(PERPLEXITY)
-    one = _single(tmp_path, str(script))
-    two = _torchrun(tmp_path, str(script))
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    a, b = _script_once_and_on_two_ranks(tmp_path, PERPLEXITY)
     assert (a["world"], b["world"]) == (1, 2)
     assert a["tokens"] == b["tokens"] > 250
     assert a["nll"] == b["nll"]  # per-window sums gathered and added in window order
@@ -163,13 +168,7 @@ def test_calibration_split_over_two_ranks_quantizes_bit_identically(tmp_path):
     """GPTQ Hessians, AWQ and SmoothQuant samples, static ranges (min-max, percentile samples,
     moving average): each rank calibrates on its share of 7 batches, the gathered statistics
     equal one process's, and so do the quantized weights, to the bit."""
-    script = tmp_path / "quantize.py"
-    script.write_text(QUANTIZE)
-    one = _single(tmp_path, str(script))
-    two = _torchrun(tmp_path, str(script))
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
-    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    a, b = _script_once_and_on_two_ranks(tmp_path, QUANTIZE)
     assert (a.pop("world"), b.pop("world")) == (1, 2)
     assert len(a) == 10
     assert a == b

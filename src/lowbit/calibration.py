@@ -44,17 +44,6 @@ def run_batch(model: nn.Module, batch: Any, index: int) -> None:
             ) from exc
 
 
-def run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
-    """Run every batch under inference mode; returns how many ran."""
-    count = 0
-    for batch in batches:
-        run_batch(model, batch, count)
-        count += 1
-    if count == 0:
-        raise DataError("calibration data is empty; give at least one batch")
-    return count
-
-
 @dataclass
 class LayerStats:
     """What one layer saw during calibration. ``rows`` views the input as [tokens, in_features]

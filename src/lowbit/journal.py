@@ -30,7 +30,7 @@ JOURNAL = "journal.json"
 JOURNAL_FORMAT = "lowbit-journal"
 
 
-def _hash_value(digest: Any, value: Any) -> None:
+def hash_value(digest: Any, value: Any) -> None:
     """Feed a calibration batch (tensors in dicts, lists and tuples) into ``digest``."""
     if torch.is_tensor(value):
         tensor = value.detach().cpu().contiguous()
@@ -41,11 +41,11 @@ def _hash_value(digest: Any, value: Any) -> None:
         digest.update(b"D")
         for key in sorted(value, key=str):
             digest.update(str(key).encode())
-            _hash_value(digest, value[key])
+            hash_value(digest, value[key])
     elif isinstance(value, (list, tuple)):
         digest.update(f"L{len(value)}".encode())
         for item in value:
-            _hash_value(digest, item)
+            hash_value(digest, item)
     else:
         digest.update(repr(value).encode())
 
@@ -58,8 +58,8 @@ def fingerprint(module: nn.Module, recipe: dict[str, Any], batches: Iterable[Any
     digest.update(json.dumps({"recipe": recipe, "versions": versions}, sort_keys=True).encode())
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
-        _hash_value(digest, tensor)
-    _hash_value(digest, list(batches))
+        hash_value(digest, tensor)
+    hash_value(digest, list(batches))
     return digest.hexdigest()
 
 

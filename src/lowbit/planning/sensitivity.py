@@ -26,6 +26,7 @@ from ..algorithms import as_result, get_algorithm
 from ..calibration import collect_statistics, forward_batch
 from ..errors import SpecError
 from ..io import write_json
+from ..journal import hash_value
 from ..models import Loaded, cache_dir
 from ..nn import set_submodule
 from ..presets import get_preset
@@ -134,20 +135,9 @@ def _digest(loaded: Loaded, names: list[str], batches: list[Any], extra: str) ->
     h = hashlib.sha256()
     for text in (loaded.sha256 or loaded.source, json.dumps(names), extra):
         h.update(text.encode())
-    tensors: list[Any] = []
     if loaded.sha256 is None:  # an nn.Module: its class name says nothing about its weights
-        tensors += [t for _, t in sorted(loaded.model.state_dict().items())]
-    for batch in batches:
-        tensors += (
-            list(batch.values())
-            if isinstance(batch, dict)
-            else list(batch)
-            if isinstance(batch, (list, tuple))
-            else [batch]
-        )
-    for t in tensors:
-        if torch.is_tensor(t):
-            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_value(h, dict(loaded.model.state_dict()))
+    hash_value(h, batches)
     return h.hexdigest()[:24]
 
 
