@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit import kernels
+from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.evaluation.weights import sqnr_db
 from lowbit.formats import Binary, Codebook, Int, Log2, NormalFloat, Ternary
 from lowbit.granularity import PerChannel, PerGroup, PerTensor
@@ -99,6 +100,37 @@ def test_native_matches_reference(name, fmt, gran, scale_dtype, kernel, floor, s
             want = floor if gemv_fp32 else BF16_FLOOR
             got = sqnr_db(ref, y.float())
             assert got >= want, f"{name} {shape} M={m} {dtype}: SQNR {got:.1f} dB < {want} dB"
+
+
+@native
+@pytest.mark.parametrize(
+    ("fmt", "gran", "kernel"),
+    [
+        (Int(4, symmetric=False), PerGroup(128), "cpu-w4"),
+        (Int(3, symmetric=False), PerGroup(64), "cpu-w3"),
+        (Int(2, symmetric=False), PerGroup(64), "cpu-w2"),
+        (Int(8, symmetric=False), PerChannel(), "cpu-w8"),
+    ],
+    ids=["w4-g128", "w3-g64", "w2-g64", "w8-channel"],
+)
+def test_native_runs_fractional_zero_points(fmt, gran, kernel):
+    """HQQ's float zero points run natively (integer part in the kernel, fraction corrected after)
+    and match the reference within the integer-code floors, GEMV and prefill, fp32 and bf16."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 33, 300
+    qt = hqq_quantize(torch.randn(n, k, generator=gen), QuantSpec(fmt, gran, scale_dtype="float16"))
+    assert qt.zero_point.is_floating_point() and not torch.equal(qt.zero_point, torch.round(qt.zero_point))
+    module = QLinear(qt, ActivationSpec(), torch.randn(n, generator=gen))
+    module.set_input_smooth(torch.rand(k, generator=gen) + 0.5)
+    for m in M_VALUES:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = _input(m, k, three_d=True, dtype=dtype)
+            chosen = kernels.select("linear", module, x)
+            assert chosen.name == kernel
+            y = chosen.fn(module, x)
+            got = sqnr_db(reference.linear(module, x.float()), y.float())
+            want = 75 if dtype == torch.float32 and m < cpu_weightonly.PREFILL_FROM else BF16_FLOOR
+            assert got >= want, f"{fmt.name} M={m} {dtype}: SQNR {got:.1f} dB < {want} dB"
 
 
 @native

@@ -65,6 +65,7 @@ class Blocks:
     zero_const: int
     segment: int
     out_mul: float
+    zero_frac: torch.Tensor | None = None  # [groups, n] float32: scale * fractional part of float zero points
 
 
 @functools.cache
@@ -107,10 +108,15 @@ def _build_blocks(module: nn.Module) -> Blocks:
     groups = math.ceil(k / gk)
     scale_dtype = torch.float16 if qt.scale.dtype == torch.float16 else torch.float32
     scales = on_huge_pages(pack_params(qt.scale, n, groups, scale_dtype))
-    zeros = None
+    zeros = zero_frac = None
     if qt.zero_point is not None:
         zdtype = torch.int8 if plan.bits == 8 else torch.uint8
-        zeros = pack_params(qt.zero_point.to(torch.int16) - plan.offset, n, groups, torch.int16).to(zdtype)
+        whole = qt.zero_point
+        if whole.is_floating_point():  # HQQ: the kernel takes floor(z); the fraction is corrected after
+            whole = torch.floor(qt.zero_point.float())
+            fraction = qt.scale.float() * (qt.zero_point.float() - whole)
+            zero_frac = _per_group(fraction, n, groups).t().contiguous()
+        zeros = pack_params(whole.to(torch.int16) - plan.offset, n, groups, torch.int16).to(zdtype)
     table = None if plan.table is None else torch.tensor(plan.table, dtype=torch.int16)
     return Blocks(
         on_huge_pages(pack_blocks(qt.codes().reshape(n, k), plan.bits, plan.offset)),
@@ -123,7 +129,24 @@ def _build_blocks(module: nn.Module) -> Blocks:
         plan.zero_const,
         plan.segment(gk, k),
         2.0**-plan.exp,
+        zero_frac,
     )
+
+
+def _per_group(values: torch.Tensor, n: int, groups: int) -> torch.Tensor:
+    """Per-(row, group) parameters as a dense [n, groups] float32 tensor (broadcast if coarser)."""
+    full = values.float().reshape(values.shape[0], -1) if values.dim() > 1 else values.float().reshape(-1, 1)
+    return full.expand(n, groups).contiguous() if full.shape != (n, groups) else full.contiguous()
+
+
+def _fraction_correction(x2: torch.Tensor, smooth: torch.Tensor | None, p: Blocks) -> torch.Tensor:
+    """sum over groups of (x / smooth) summed per group times scale * frac(zero): what the integer
+    zero point floor(z) leaves out of x (q - z) s."""
+    xs = x2.float() if smooth is None else x2.float() / smooth
+    k = xs.shape[-1]
+    pad = p.zero_frac.shape[0] * p.group - k
+    sums = torch.nn.functional.pad(xs, (0, pad)).view(xs.shape[0], -1, p.group).sum(-1)
+    return sums @ p.zero_frac
 
 
 @torch.compiler.disable
@@ -158,7 +181,6 @@ def _blocks_layout_ok(module: nn.Module) -> bool:
             bits is not None
             and group_size(module.weight_granularity, module.weight_shape, bits) is not None
             and module.scale is not None
-            and (module.zero_point is None or not module.zero_point.is_floating_point())  # HQQ: torch-int4pack
         )
         module.__dict__["_cpu_blocks_ok"] = ok
     return ok
@@ -182,10 +204,13 @@ def blocks_linear(module: nn.Module, x: torch.Tensor, prefill_from: int = PREFIL
     """Native weight-only linear for integer and level-table weights (any leading dims)."""
     p: Blocks = _packed(module, "cpu-blocks", _build_blocks)
     bias = _float_bias(module)
+    x2, smooth = _flat(x), _smooth(module)
     y = torch.ops.lowbit.wo_linear.default(
-        _flat(x), p.codes, p.scales, p.zeros, p.table, bias, _smooth(module),
+        x2, p.codes, p.scales, p.zeros, p.table, bias, smooth,
         p.bits, p.n, p.group, p.zero_const, p.segment, p.out_mul, prefill_from,
     )  # fmt: skip
+    if p.zero_frac is not None:
+        y = (y.float() - _fraction_correction(x2, smooth, p)).to(y.dtype)
     return y.view(*x.shape[:-1], p.n)
 
 
