@@ -25,6 +25,7 @@ import torch
 import lowbit
 from lowbit.planning.allocate import plan_recipe, uniform_plans
 from lowbit.planning.workflow import make_plan, sensitivity, verify
+from sparsity import sparsity_rows  # bench/sparsity.py (scripts run from bench/ put it on sys.path)
 
 
 def log(message: str) -> None:
@@ -75,20 +76,7 @@ def smollm2(args) -> dict[str, Any]:
         log(f"  {preset}: uniform {base['perplexity']:.3f} ({base['size_mb']:.1f} MB), "
             f"plan {got['perplexity']:.3f} ({got['size_mb']:.1f} MB)")  # fmt: skip
     float_ppl = base["float_perplexity"]
-    sparse_rows = []
-    for preset in ("w4-g128", "w4-g128-2of4"):
-        model = lowbit.load_model(source)
-        lowbit.quantize(model, preset)
-        from lowbit.evaluation.perplexity import perplexity
-        from lowbit.evaluation.size import model_size
-
-        ppl = perplexity(model.model, model.tokenizer, max_tokens=args.max_tokens)["perplexity"]
-        size = model_size(model.model)
-        sparse_rows.append(
-            {"recipe": preset, "perplexity": ppl, "size_mb": size["bytes"] / 1e6,
-             "bits_per_weight": size["quantized_bits_per_weight"]}
-        )  # fmt: skip
-        log(f"  {preset}: {ppl:.3f}, {size['bytes'] / 1e6:.1f} MB")
+    sparse_rows = sparsity_rows(source, ("w4-g128", "w4-g128-2of4"), args.max_tokens, None, log)
     return {
         "model": source,
         "metric": table["metric"],

@@ -161,8 +161,9 @@ class _Quantizer:
             specs = {self.plan[m].weight for m in members}
             if len(members) > 1 and len(specs) == 1:
                 weights = [block.get_submodule(m[len(prefix) :]).weight.detach().float() for m in members]
-                grid = self.plan[members[0]].options.get("grid", 20)
-                scale = search_scales(weights, stats[members[0]].samples, specs.pop(), grid)
+                options = self.plan[members[0]].options
+                duo = bool(options.get("duo", False))
+                scale = search_scales(weights, stats[members[0]].samples, specs.pop(), options.get("grid", 20), duo)
                 shared.update({m: scale for m in members})
         for name in names:
             extra = {"shared_scale": shared[name]} if name in shared else {}

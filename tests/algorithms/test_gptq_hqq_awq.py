@@ -103,10 +103,11 @@ def test_hqq_lowers_weight_error_and_keeps_fractional_zeros(spec):
     ],
     ids=lambda s: s.name,
 )
-def test_awq_is_never_worse_than_rtn_on_its_samples(spec):
+@pytest.mark.parametrize("duo", [False, True], ids=["x-scaling", "duo-scaling"])
+def test_awq_is_never_worse_than_rtn_on_its_samples(spec, duo):
     x = correlated_inputs(512, 64, seed=3)
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
-    result = awq_quantize(w, x, spec, grid=10)
+    result = awq_quantize(w, x, spec, grid=10, duo=duo)
     w_eff = result.qweight.dequantize() / result.smooth  # (x / s) W_q^T == x (W_q / s)^T
     err = float(((x @ w.T - x @ w_eff.T) ** 2).mean())
     assert err <= output_error(x, w, QTensor.quantize(w, spec)) * 1.0001

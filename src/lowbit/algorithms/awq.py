@@ -28,20 +28,46 @@ def fake_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     )
 
 
-def search_scales(weights: list[torch.Tensor], samples: torch.Tensor, spec: QuantSpec, grid: int = 20) -> torch.Tensor:
-    """The per-input-channel factor s (shared by ``weights``, which all read ``samples``)."""
+def weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
+    """Per input channel, the mean over output rows of |w| relative to its group's largest |w|."""
+    gran = spec.granularity
+    rel = []
+    for w in weights:
+        absw = w.float().abs()
+        peak = (
+            gran.expand(gran.reduce(absw, lambda r: r.amax(dim=1)), absw.shape) if isinstance(gran, PerGroup) else None
+        )
+        if peak is None:
+            peak = absw.amax(dim=1, keepdim=True)
+        rel.append(absw / peak.clamp(min=1e-12))
+    return torch.cat(rel).mean(dim=0)
+
+
+def search_scales(
+    weights: list[torch.Tensor], samples: torch.Tensor, spec: QuantSpec, grid: int = 20, duo: bool = False
+) -> torch.Tensor:
+    """The per-input-channel factor s (shared by ``weights``, which all read ``samples``):
+    s = mean|x|^a, or with ``duo`` mean|x|^a / mean|w|^(1-a) (AutoAWQ's duo scaling), for the
+    grid's exponents a; s = 1 (round-to-nearest) is always a candidate."""
     x = samples.float()
     x_mean = x.abs().mean(dim=0)
+    w_mean = weight_mean(weights, spec) if duo else None
     refs = [x @ w.float().T for w in weights]
-    best, best_s = float("inf"), torch.ones_like(x_mean)
-    for step in range(grid):
+
+    def error(s: torch.Tensor) -> float:
+        return sum(
+            float(((x @ (fake_weight(w.float() * s, spec) / s).T - ref) ** 2).mean()) for w, ref in zip(weights, refs)
+        )
+
+    best_s = torch.ones_like(x_mean)
+    best = error(best_s)
+    for step in range(0 if duo else 1, grid):
         alpha = step / grid
         s = x_mean.pow(alpha).clamp(min=1e-4)
+        if w_mean is not None:
+            s = (s / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = 0.0
-        for w, ref in zip(weights, refs):
-            w_hat = fake_weight(w.float() * s, spec) / s
-            err += float(((x @ w_hat.T - ref) ** 2).mean())
+        err = error(s)
         if err < best:
             best, best_s = err, s
     return best_s
@@ -83,6 +109,7 @@ def awq_quantize(
     grid: int = 20,
     clip: bool = True,
     name: str = "weight",
+    duo: bool = False,
 ) -> LayerResult:
     """Scale (searched unless given), clip-search, then round: returns the weight and x's divisor."""
     if isinstance(spec.format, (Codebook, Float)):
@@ -90,7 +117,7 @@ def awq_quantize(
     if weight.dim() != 2:
         raise SpecError(f"{name}: awq handles Linear layers; keep convolutions on rtn or gptq")
     w = weight.detach().float()
-    s = search_scales([w], samples, spec, grid) if scale is None else scale
+    s = search_scales([w], samples, spec, grid, duo) if scale is None else scale
     scaled = w * s
     if clip and isinstance(spec.range, MinMax):
         ratio = search_clipping(scaled, samples / s, spec, grid)
@@ -105,7 +132,7 @@ def awq_quantize(
 
 @register_algorithm(
     "awq",
-    options={"grid", "clip"},
+    options={"grid", "clip", "duo"},
     stats={"samples"},
     description="AWQ: activation-aware channel scales plus clipping search",
 )
@@ -117,6 +144,7 @@ def awq(
     name: str = "weight",
     grid: int = 20,
     clip: bool = True,
+    duo: bool = False,
     shared_scale: torch.Tensor | None = None,
     **_,
 ) -> LayerResult:
@@ -124,4 +152,4 @@ def awq(
         raise DataError(f"{name}: awq needs calibration data (sampled layer inputs)")
     if not (isinstance(grid, int) and grid >= 1):
         raise SpecError(f"{name}: awq grid={grid!r} must be a positive integer")
-    return awq_quantize(weight, stats.samples, spec, shared_scale, grid, bool(clip), name)
+    return awq_quantize(weight, stats.samples, spec, shared_scale, grid, bool(clip), name, bool(duo))
