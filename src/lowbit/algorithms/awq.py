@@ -34,10 +34,9 @@ def weight_mean(weights: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
     rel = []
     for w in weights:
         absw = w.float().abs()
-        peak = (
-            gran.expand(gran.reduce(absw, lambda r: r.amax(dim=1)), absw.shape) if isinstance(gran, PerGroup) else None
-        )
-        if peak is None:
+        if isinstance(gran, PerGroup):
+            peak = gran.expand(gran.reduce(absw, lambda r: r.amax(dim=1)), absw.shape)
+        else:
             peak = absw.amax(dim=1, keepdim=True)
         rel.append(absw / peak.clamp(min=1e-12))
     return torch.cat(rel).mean(dim=0)

@@ -7,7 +7,14 @@ candidate (min-max, HQQ, refined) with the least squared weight error is kept, s
 never worse than round-to-nearest on that measure. ``protect`` admits only candidates that
 round each group's largest weight within half a min-max step. On SmolLM2 at w4-g128 the
 refinement lowers weight and layer-output error but not perplexity, so it is off by default.
-The zero point ends up fractional, so it is stored as a float (fp16) per group.
+The zero point ends up fractional, so it is stored as a float (fp16) per group (the native
+kernels run it: integer part in the kernel, the fraction corrected per group).
+
+Measured on SmolLM2-135M (bench/results/llm_accuracy_low_bits.json and the closing notes): any
+fractional zero point costs perplexity there even when it lowers the weight error (a min-max grid
+with its exact fractional zero: 46.4 vs 34.9 for the rounded zero on 4096 tokens; our reading: a
+grid without an exact 0 moves near-zero weights that multiply the model's outlier activation
+channels, some 1000x the median), so HQQ does not beat round-to-nearest there at w4/w3.
 """
 
 from __future__ import annotations

@@ -21,7 +21,16 @@ from torch import nn
 from ..formats import Codebook, Int
 from ..granularity import PerGroup, PerTensor
 from . import native_available, prepacked, register_kernel
-from .weightonly_pack import ROWS, block_bits, group_size, on_huge_pages, pack_blocks, pack_params, plan_for
+from .weightonly_pack import (
+    ROWS,
+    block_bits,
+    dense_params,
+    group_size,
+    on_huge_pages,
+    pack_blocks,
+    pack_params,
+    plan_for,
+)
 
 PREFILL_FROM = 16  # tokens from which dequantize-to-bf16 + oneDNN matmul beats the GEMV (bench/kernels_weightonly.py)
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
@@ -115,7 +124,7 @@ def _build_blocks(module: nn.Module) -> Blocks:
         if whole.is_floating_point():  # HQQ: the kernel takes floor(z); the fraction is corrected after
             whole = torch.floor(qt.zero_point.float())
             fraction = qt.scale.float() * (qt.zero_point.float() - whole)
-            zero_frac = _per_group(fraction, n, groups).t().contiguous()
+            zero_frac = dense_params(fraction.float(), n, groups).t().contiguous()
         zeros = pack_params(whole.to(torch.int16) - plan.offset, n, groups, torch.int16).to(zdtype)
     table = None if plan.table is None else torch.tensor(plan.table, dtype=torch.int16)
     return Blocks(
@@ -131,12 +140,6 @@ def _build_blocks(module: nn.Module) -> Blocks:
         2.0**-plan.exp,
         zero_frac,
     )
-
-
-def _per_group(values: torch.Tensor, n: int, groups: int) -> torch.Tensor:
-    """Per-(row, group) parameters as a dense [n, groups] float32 tensor (broadcast if coarser)."""
-    full = values.float().reshape(values.shape[0], -1) if values.dim() > 1 else values.float().reshape(-1, 1)
-    return full.expand(n, groups).contiguous() if full.shape != (n, groups) else full.contiguous()
 
 
 def _fraction_correction(x2: torch.Tensor, smooth: torch.Tensor | None, p: Blocks) -> torch.Tensor:

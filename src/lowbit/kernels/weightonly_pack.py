@@ -133,10 +133,15 @@ def pack_blocks(codes: torch.Tensor, bits: int, offset: int = 0) -> torch.Tensor
     return out
 
 
+def dense_params(params: torch.Tensor, n: int, groups: int) -> torch.Tensor:
+    """Per-(row, group) parameters [n, groups], or per row / per tensor broadcast to that shape."""
+    full = params.reshape(-1, 1) if params.dim() < 2 else params
+    return full.expand(n, groups) if full.shape[0] == 1 or full.shape[1] == 1 else full
+
+
 def pack_params(params: torch.Tensor, n: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """Per-(row, group) parameters [n, groups] (or per row / per tensor) -> [ceil(n/16), groups, 16]."""
-    full = params.reshape(-1, 1) if params.dim() < 2 else params
-    full = full.expand(n, groups) if full.shape[0] == 1 or full.shape[1] == 1 else full
+    full = dense_params(params, n, groups)
     nb = math.ceil(n / ROWS)
     out = torch.zeros(nb * ROWS, groups, dtype=dtype)
     out[:n] = full.to(dtype)
