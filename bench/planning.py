@@ -1,7 +1,7 @@
 """Mixed precision from measurement: plans vs uniform presets at the same size, verified on
 held-out data. Prints one JSON object.
 
-1. SmolLM2-135M: per-layer sensitivity (loss increase on WikiText-2 valid windows), then plans
+1. SmolLM2-135M: per-layer sensitivity (KL to the float model per token on WikiText-2 valid windows), then plans
    at the size of uniform w4-g128 and of uniform w3-g128, each quantized and evaluated on
    WikiText-2 test perplexity next to the uniform preset (same layers, same evaluation).
 2. MiniLM: the smallest plan whose predicted 1 - cosine stays within --max-drop, verified on

@@ -150,7 +150,7 @@ def test_sensitivity_table_on_a_tiny_llama_orders_the_candidates(tmp_path, monke
     calib = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)} for _ in range(3)]
     evaluation = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)}]
     table = measure(loaded, calib, evaluation, ["w8-weight", "w4-g128", "w2-g64"])
-    assert len(table["layers"]) == 2 * 7 and table["metric"] == "loss increase"
+    assert len(table["layers"]) == 2 * 7 and table["metric"] == "KL divergence per token"
     for entry in table["layers"].values():
         opts = entry["options"]
         assert (
@@ -159,6 +159,9 @@ def test_sensitivity_table_on_a_tiny_llama_orders_the_candidates(tmp_path, monke
             > opts["w2-g64"]["bits_per_weight"]
         )
         assert opts["w8-weight"]["layer_error"] < opts["w4-g128"]["layer_error"] < opts["w2-g64"]["layer_error"]
+        assert all(option["damage"] >= 0 for option in opts.values())  # a KL, never a lucky negative
+    total = {c: sum(e["options"][c]["damage"] for e in table["layers"].values()) for c in ("w8-weight", "w2-g64")}
+    assert total["w8-weight"] < total["w2-g64"]
     # the model is left untouched, and a second call is served from the cache
     assert all(type(m) is torch.nn.Linear for n, m in loaded.model.named_modules() if n.endswith("proj"))
     assert list((tmp_path / "sensitivity").glob("*.json"))

@@ -36,7 +36,7 @@ from ..sparse import magnitude_mask, n_m_mask
 from .targets import get_target
 
 DEFAULT_CANDIDATES = ("fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64", "w4-g128-2of4")
-METRICS = {"causal-lm": "loss increase", "encoder": "1 - cosine", "image-classifier": "KL divergence"}
+METRICS = {"causal-lm": "KL divergence per token", "encoder": "1 - cosine", "image-classifier": "KL divergence"}
 EXPECTED_ACCURACY = "expected accuracy drop"
 
 
@@ -71,25 +71,28 @@ class Metric:
         return getattr(out, "logits", out).float()
 
     def damage(self, model: nn.Module) -> float:
-        """Loss increase (LM), 1 - cosine (encoder) or KL to the float predictions (classifier)."""
+        """KL to the float predictions per token (LM: the expected loss increase if the text followed the
+        float model, with far less noise than the loss change on the batch's own tokens, which
+        can even be negative and misleads the planner), 1 - cosine (encoder), KL per image
+        (classifier), or the drop of expected accuracy (classifier with labels)."""
         total = 0.0
         for index, (batch, ref) in enumerate(zip(self.batches, self.reference, strict=True)):
             out = self.outputs(model, batch)
-            if self.kind == "causal-lm":
-                ids = batch["input_ids"][:, 1:].flatten()
-                total += float(
-                    F.cross_entropy(out[:, :-1].flatten(0, 1), ids) - F.cross_entropy(ref[:, :-1].flatten(0, 1), ids)
-                )
+            if self.kind == "causal-lm":  # the expected loss increase when tokens follow the float model
+                total += _kl(out.flatten(0, -2), ref.flatten(0, -2))
             elif self.kind == "encoder":
                 total += float(1.0 - (out * ref).sum(-1).mean())
             elif self.labels is not None:  # drop of the expected accuracy (mean probability of the true class)
                 y = self.labels[index].reshape(-1, 1)
                 total += float(ref.softmax(-1).gather(1, y).mean() - out.softmax(-1).gather(1, y).mean())
             else:
-                total += float(
-                    F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
-                )
+                total += _kl(out, ref)
         return total / len(self.batches)
+
+
+def _kl(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over rows of KL(float || quantized) between the predictive distributions."""
+    return float(F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean"))
 
 
 def quantize_one(layer: nn.Module, name: str, scheme: LayerScheme, stats) -> nn.Module:
@@ -164,7 +167,8 @@ def measure(
     layers = list(Recipe(name="all", rules=(Rule(schemes[names[0]], types=("Linear", "Conv2d")),)).resolve(model))
     if not layers:
         raise SpecError("the model has no quantizable Linear/Conv2d layer (the head and embeddings stay float)")
-    key = _digest(loaded, names + layers, calib + evaluation + list(labels or []), target or "")
+    metric_name = METRICS[loaded.kind] if labels is None else EXPECTED_ACCURACY
+    key = _digest(loaded, names + layers, calib + evaluation + list(labels or []), f"{target or ''}|{metric_name}")
     path = cache_dir() / "sensitivity" / f"{key}.json"
     if use_cache and path.is_file():
         return json.loads(path.read_text())
@@ -211,7 +215,7 @@ def measure(
     result = {
         "model": loaded.source,
         "kind": loaded.kind,
-        "metric": METRICS[loaded.kind] if labels is None else EXPECTED_ACCURACY,
+        "metric": metric_name,
         "candidates": names,
         "target": target,
         "layers": table,
