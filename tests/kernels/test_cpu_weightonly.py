@@ -193,6 +193,12 @@ def test_torch_compile_traces_the_native_ops():
     assert torch.equal(compiled(x), eager)
     x5 = torch.randn(5, 96)
     assert torch.equal(compiled(x5), model(x5))
+    # HQQ's fractional zero points: the per-group correction traces too (same values up to fp32 rounding)
+    qt = hqq_quantize(torch.randn(24, 96), QuantSpec(Int(4, symmetric=False), PerGroup(32), scale_dtype="float16"))
+    hqq_layer = QLinear(qt, ActivationSpec(), None)
+    eager = hqq_layer(x)
+    compiled = torch.compile(hqq_layer, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
 
 
 # ---- portable fallbacks (no native code) --------------------------------------------------
