@@ -67,7 +67,8 @@ def plan(
     max_drop: Annotated[
         float | None,
         typer.Option(
-            help="Largest predicted metric damage (KL to float per token for LMs, 1 - cosine for encoders, KL for classifiers)."
+            help="Largest predicted metric damage (KL to float per token for LMs, 1 - cosine for encoders, "
+            "KL for classifiers)."
         ),
     ] = None,
     candidates: Candidates = None,

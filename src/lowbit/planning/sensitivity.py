@@ -58,6 +58,8 @@ class Metric:
                 f"{len(batches)} batches of a {kind} model)"
             )
         self.reference = [self.outputs(model, b) for b in batches]
+        if kind == "causal-lm" or (kind != "encoder" and labels is None):  # KL: float log-probs once
+            self.reference = [F.log_softmax(ref, -1) for ref in self.reference]
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         with torch.inference_mode():
@@ -90,9 +92,9 @@ class Metric:
         return total / len(self.batches)
 
 
-def _kl(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over rows of KL(float || quantized) between the predictive distributions."""
-    return float(F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean"))
+def _kl(out: torch.Tensor, ref_logp: torch.Tensor) -> float:
+    """Mean over rows of KL(float || quantized), from the quantized logits and the float log-probs."""
+    return float(F.kl_div(F.log_softmax(out, -1), ref_logp, log_target=True, reduction="batchmean"))
 
 
 def quantize_one(layer: nn.Module, name: str, scheme: LayerScheme, stats) -> nn.Module:
