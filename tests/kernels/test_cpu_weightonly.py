@@ -88,9 +88,16 @@ def test_native_matches_reference(name, fmt, gran, scale_dtype, kernel, floor, s
     n, k = shape
     odd = shape == SHAPES[0]  # the odd shape also carries bias, input_smooth and 3-D inputs
     module = _module(fmt, gran, scale_dtype, n, k, bias=odd, smooth=odd)
+    _check_against_reference(module, kernel, floor, three_d=odd, label=f"{name} {shape}")
+
+
+def _check_against_reference(module: QLinear, kernel: str, floor: float, three_d: bool, label: str) -> None:
+    """For every M and fp32/bf16 input: ``kernel`` is chosen, and its output has the input's
+    dtype and shape and an SQNR to the reference of at least ``floor`` (fp32 GEMV) or BF16_FLOOR."""
+    n, k = module.weight_shape
     for m in M_VALUES:
         for dtype in (torch.float32, torch.bfloat16):
-            x = _input(m, k, three_d=odd, dtype=dtype)
+            x = _input(m, k, three_d=three_d, dtype=dtype)
             chosen = kernels.select("linear", module, x)
             assert chosen.name == kernel
             y = chosen.fn(module, x)
@@ -99,7 +106,7 @@ def test_native_matches_reference(name, fmt, gran, scale_dtype, kernel, floor, s
             gemv_fp32 = dtype == torch.float32 and m < cpu_weightonly.PREFILL_FROM
             want = floor if gemv_fp32 else BF16_FLOOR
             got = sqnr_db(ref, y.float())
-            assert got >= want, f"{name} {shape} M={m} {dtype}: SQNR {got:.1f} dB < {want} dB"
+            assert got >= want, f"{label} M={m} {dtype}: SQNR {got:.1f} dB < {want} dB"
 
 
 @native
@@ -122,15 +129,7 @@ def test_native_runs_fractional_zero_points(fmt, gran, kernel):
     assert qt.zero_point.is_floating_point() and not torch.equal(qt.zero_point, torch.round(qt.zero_point))
     module = QLinear(qt, ActivationSpec(), torch.randn(n, generator=gen))
     module.set_input_smooth(torch.rand(k, generator=gen) + 0.5)
-    for m in M_VALUES:
-        for dtype in (torch.float32, torch.bfloat16):
-            x = _input(m, k, three_d=True, dtype=dtype)
-            chosen = kernels.select("linear", module, x)
-            assert chosen.name == kernel
-            y = chosen.fn(module, x)
-            got = sqnr_db(reference.linear(module, x.float()), y.float())
-            want = 75 if dtype == torch.float32 and m < cpu_weightonly.PREFILL_FROM else BF16_FLOOR
-            assert got >= want, f"{fmt.name} M={m} {dtype}: SQNR {got:.1f} dB < {want} dB"
+    _check_against_reference(module, kernel, 75, three_d=True, label=f"hqq {fmt.name}")
 
 
 @native
