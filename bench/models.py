@@ -5,8 +5,9 @@ sentences padded to that length), for PyTorch fp32 eager, fp32 + torch.compile, 
 recipe eager and with ``lowbit.runtime.compile``; quality = mean cosine of sentence embeddings
 to fp32 and top-1 nearest-neighbour agreement on 500 WikiText-2 test sentences.
 
-SmolLM2-135M: greedy decode tokens/s at batch 1 (32-token prompt, 64 new tokens), prefill
-tokens/s on 512 tokens, and WikiText-2 test perplexity on the first ``--ppl-tokens`` tokens.
+SmolLM2-135M: greedy decode tokens/s at batch 1 (32-token prompt, 64 new tokens), eager and
+under ``lowbit.runtime.compile`` (static KV cache, compiled decode step), prefill tokens/s on 512
+tokens, and WikiText-2 test perplexity on the first 8192 tokens.
 
     .venv/bin/python bench/models.py [--quick] [--skip-smollm] > models.json
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -26,6 +26,7 @@ from lowbit import data
 from lowbit.evaluation.embedding import nearest_neighbours, sentence_embeddings
 from lowbit.evaluation.latency import latency
 from lowbit.evaluation.perplexity import perplexity
+from lowbit.evaluation.speed import decode_speed
 from lowbit.runtime import compile as lowbit_compile
 
 MINILM_RECIPES = ("int8-dynamic", "w8-weight", "w4-g128")
@@ -88,44 +89,48 @@ def minilm(sentences: int, seconds: float, compiled: bool) -> dict:
     return {"model": "builtin:minilm", "sentences": len(texts), "rows": rows}
 
 
-def _decode(model, prompt: torch.Tensor, new_tokens: int) -> dict:
-    gen = dict(do_sample=False, use_cache=True)
-    with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=4, **gen)  # warm-up: kernel layouts, allocator
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **gen)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
-        total = time.perf_counter() - start
-    per_token = (total - first) / (new_tokens - 1)
-    return {"decode_tokens_per_s": round(1 / per_token, 1), "decode_ms_per_token": round(per_token * 1e3, 2)}
-
-
 def _prefill(model, ids: torch.Tensor, seconds: float) -> dict:
     ms = latency(lambda: model(input_ids=ids, use_cache=False), warmup=1, repeat=3, min_seconds=seconds)["median_ms"]
     return {"prefill_ms_512": round(ms, 1), "prefill_tokens_per_s": round(ids.shape[1] / ms * 1e3, 1)}
 
 
-def smollm(ppl_tokens: int, seconds: float, new_tokens: int) -> dict:
+def _decode(model, prompt: torch.Tensor, new_tokens: int) -> dict:
+    speed = decode_speed(model, prompt, new_tokens)
+    return {
+        "tokens_per_s": round(speed["decode_tokens_per_s"], 1),
+        "ms_per_token": round(speed["decode_ms_per_token"], 2),
+    }
+
+
+def smollm(ppl_tokens: int, seconds: float, new_tokens: int, compiled: bool) -> dict:
+    """Per recipe: eager decode and prefill, decode under ``lowbit.runtime.compile`` (static KV cache,
+    compiled step), and perplexity; speed-ups are against fp32 eager (the compiled fp32 row is a peer)."""
     base = lowbit.load_model("builtin:smollm2-135m")
     stream = data.token_stream(base.tokenizer, data.wikitext("valid"))
     prompt, prefill_ids = stream[:32].unsqueeze(0), stream[1000:1512].unsqueeze(0)
-    rows = []
-    fp32 = {"recipe": "fp32", **_decode(base.model, prompt, new_tokens), **_prefill(base.model, prefill_ids, seconds)}
-    fp32["perplexity"] = round(perplexity(base.model, base.tokenizer, max_tokens=ppl_tokens)["perplexity"], 3)
-    rows.append(fp32)
+
+    def measure(recipe: str, loaded) -> dict:
+        row = {"recipe": recipe, "decode": _decode(loaded.model, prompt, new_tokens)}
+        row.update(_prefill(loaded.model, prefill_ids, seconds))
+        row["perplexity"] = round(perplexity(loaded.model, loaded.tokenizer, max_tokens=ppl_tokens)["perplexity"], 3)
+        if compiled:
+            lowbit_compile(loaded.model)
+            row["decode_compiled"] = _decode(loaded.model, prompt, new_tokens)
+        return row
+
+    fp32 = measure("fp32", base)
+    rows = [fp32]
     for recipe in SMOLLM_RECIPES:
         loaded = lowbit.load_model("builtin:smollm2-135m")
         lowbit.quantize(loaded, recipe)
-        row = {
-            "recipe": recipe,
-            **_decode(loaded.model, prompt, new_tokens),
-            **_prefill(loaded.model, prefill_ids, seconds),
-        }
-        row["decode_speedup"] = round(row["decode_tokens_per_s"] / fp32["decode_tokens_per_s"], 2)
+        row = measure(recipe, loaded)
+        row["decode_speedup"] = round(row["decode"]["tokens_per_s"] / fp32["decode"]["tokens_per_s"], 2)
+        if compiled:
+            speedup = row["decode_compiled"]["tokens_per_s"] / fp32["decode"]["tokens_per_s"]
+            row["decode_compiled_speedup_vs_fp32_eager"] = round(speedup, 2)
+            speedup = row["decode_compiled"]["tokens_per_s"] / fp32["decode_compiled"]["tokens_per_s"]
+            row["decode_compiled_speedup_vs_fp32_compiled"] = round(speedup, 2)
         row["prefill_speedup"] = round(row["prefill_tokens_per_s"] / fp32["prefill_tokens_per_s"], 2)
-        row["perplexity"] = round(perplexity(loaded.model, loaded.tokenizer, max_tokens=ppl_tokens)["perplexity"], 3)
         rows.append(row)
     return {"model": "builtin:smollm2-135m", "perplexity_tokens": ppl_tokens, "new_tokens": new_tokens, "rows": rows}
 
@@ -141,7 +146,7 @@ def main() -> None:
               "native_kernels": lowbit.kernels.native_available()}  # fmt: skip
     result["minilm"] = minilm(100 if args.quick else 500, seconds, not args.no_compile)
     if not args.skip_smollm:
-        result["smollm2"] = smollm(2048 if args.quick else 8192, seconds, 16 if args.quick else 64)
+        result["smollm2"] = smollm(2048 if args.quick else 8192, seconds, 16 if args.quick else 64, not args.no_compile)
     print(json.dumps(result, indent=1))
 
 

@@ -40,18 +40,35 @@ def _token_inputs(loaded: Loaded, batch: int, length: int, seed: int) -> dict[st
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _decode_speed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict:
-    """Greedy decode tokens/s at batch 1 with the KV cache (first token excluded: that is prefill)."""
+class _TokenClock:
+    """A ``generate`` streamer that stamps the time each new token arrives (the first call is the prompt)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.stamps.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy decode tokens/s at batch 1 with the KV cache: the time from the first new token to the
+    last over the tokens in between (the first token is prefill). A warm-up generate of the same
+    length runs first, so a compiled decode step (``lowbit.runtime.compile``) is traced untimed."""
+    if new_tokens < 2:
+        raise DataError(f"decode speed needs at least 2 new tokens, got {new_tokens}")
     gen = {"do_sample": False, "use_cache": True, "pad_token_id": 0}
+    gen |= {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
     with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=2, **gen)  # warm-up
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **gen)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **gen)
-        total = time.perf_counter() - start
-    per_token = max(total - first, 1e-9) / (new_tokens - 1)
+        model.generate(prompt, **gen)  # warm-up: kernel layouts, allocator, compiled decode step
+        clock = _TokenClock()
+        model.generate(prompt, streamer=clock, **gen)
+    per_token = max(clock.stamps[-1] - clock.stamps[0], 1e-9) / (len(clock.stamps) - 1)
     return {"decode_tokens_per_s": 1.0 / per_token, "decode_ms_per_token": per_token * 1e3, "new_tokens": new_tokens}
 
 
@@ -89,5 +106,5 @@ def model_speed(
     out: dict = {"model": loaded.source, "kind": loaded.kind, "threads": torch.get_num_threads(), "rows": rows}
     if loaded.kind == "causal-lm" and decode_tokens >= 2 and hasattr(model, "generate"):
         prompt = _token_inputs(loaded, 1, 32, seed)["input_ids"]
-        out["decode"] = _decode_speed(model, prompt, decode_tokens)
+        out["decode"] = decode_speed(model, prompt, decode_tokens)
     return out
