@@ -94,6 +94,24 @@ def test_smoothquant_collects_sampled_rows_only_for_the_alpha_search():
         assert stats_needed(algorithm, scheme) == expected, options
 
 
+@pytest.mark.parametrize("estimator", ["mse", {"type": "percentile", "percentile": 99.9}])
+def test_static_smoothquant_with_a_clipping_range_estimator(estimator):
+    """A smoothed input's static range from a clipping estimator is found from sampled rows, which
+    calibration collects for it even when alpha is fixed; it clips below min-max."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    x[:, 3] *= 40
+    x[0, 5] = 500.0  # one extreme value that a clipping estimator gives up
+    ranges = {}
+    for name, rng in (("minmax", "minmax"), ("clip", estimator)):
+        model = nn.Sequential(nn.Linear(16, 32))
+        act = {"mode": "static", "format": "int8-asym", "range": rng}
+        rule = {"weight": "int8", "activation": act, "algorithm": "smoothquant", "options": {"alpha": 0.5}}
+        lowbit.quantize(model, lowbit.Recipe.from_dict({"include_head": True, "rules": [rule]}), calib=[x])
+        ranges[name] = float(model[0].input_scale.float().max())
+    assert ranges["clip"] < ranges["minmax"]
+
+
 def test_bad_input():
     with pytest.raises(DataError, match="needs calibration data"):
         lowbit.quantize(mlp(), "w8a8-static")

@@ -25,6 +25,7 @@ from .errors import DataError, SpecError
 from .models import Loaded
 from .nn import QModule, set_submodule, to_quantized
 from .primitives import check_finite, qparams_from_range
+from .ranges import MinMax, MovingMinMax
 from .recipe import LayerScheme, Recipe, resolve_recipe
 from .sequential import find_blocks, fold_into_norm, run_sequential
 
@@ -49,6 +50,8 @@ def stats_needed(algorithm: Algorithm, scheme: LayerScheme) -> set[str]:
     needs = set(algorithm.stats_for(scheme.options))
     if scheme.activation.mode == "static":
         needs |= {"range", "channels"}
+        if not isinstance(scheme.activation.range, (MinMax, MovingMinMax)):
+            needs.add("samples")  # an input smoothed by the algorithm has its range estimated from sampled rows
     if scheme.bias_correction:
         needs.add("mean")
     return needs

@@ -143,3 +143,24 @@ def test_hqq_refinement_never_raises_the_per_group_weight_error_over_rtn():
     fitted_s, fitted_z = fit_affine(w_exact, codes, gran, torch.ones(4, 2), torch.zeros(4, 2))
     torch.testing.assert_close(fitted_s, scale, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fitted_z, zero, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_with_gptq_rounding_equals_gptq_on_the_scaled_problem():
+    """AWQ + GPTQ: the scaled weight W s rounded by GPTQ on the Hessian of x / s. With s fixed the
+    codes equal GPTQ's on that problem, and the output error is below AWQ's round-to-nearest."""
+    spec = QuantSpec(Int(4, False), PerGroup(32))
+    x = correlated_inputs(2048, 96, seed=5)
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(6))
+    hessian = 2 * x.T @ x / x.shape[0]
+    plain = awq_quantize(w, x, spec, grid=10)
+    combined = awq_quantize(w, x, spec, grid=10, hessian=hessian)
+    assert torch.equal(combined.smooth, plain.smooth)
+    s = plain.smooth
+    direct, _ = gptq_quantize(w * s, 2 * (x / s).T @ (x / s) / x.shape[0], spec, act_order=True)
+    assert torch.equal(combined.qweight.codes(), direct.codes())
+
+    def err(result):
+        w_eff = result.qweight.dequantize() / result.smooth
+        return float(((x @ w.T - x @ w_eff.T) ** 2).mean())
+
+    assert err(combined) < err(plain)

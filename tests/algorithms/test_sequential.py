@@ -75,17 +75,22 @@ def _logit_error(model, ref, calib):
 
 
 @pytest.mark.parametrize("recipe", ["w3-g128", "w4-g128"])
-def test_gptq_and_awq_beat_rtn_on_a_tiny_llama(recipe):
+def test_gptq_awq_and_both_beat_rtn_on_a_tiny_llama(recipe):
     calib, held_out = batches(128, 4), batches(128, 3, seed=9)
     ref = tiny_llama()
     errors = {}
-    for algorithm in ("rtn", "gptq", "awq"):
+    for label, algorithm, options in (
+        ("rtn", "rtn", {}),
+        ("gptq", "gptq", {}),
+        ("awq", "awq", {}),
+        ("awq+gptq", "awq", {"gptq": True}),
+    ):
         model = tiny_llama()
         spec = {"format": "int3-asym" if recipe == "w3-g128" else "int4-asym", "granularity": "group:32"}
-        rule = {"weight": spec, "algorithm": algorithm}
+        rule = {"weight": spec, "algorithm": algorithm, "options": options}
         lowbit.quantize(model, Recipe.from_dict({"rules": [rule]}), calib=calib)
-        errors[algorithm] = _logit_error(model, ref, held_out)
-    assert errors["gptq"] < errors["rtn"] and errors["awq"] < errors["rtn"], errors
+        errors[label] = _logit_error(model, ref, held_out)
+    assert all(errors[label] < errors["rtn"] for label in ("gptq", "awq", "awq+gptq")), errors
 
 
 def test_awq_scales_fold_into_rmsnorm_in_pre_norm_blocks_but_not_post_norm():

@@ -3,7 +3,9 @@
 Salient input channels (large mean |x|) are scaled up in the weight before rounding, and the
 input is divided by the same factor: x W^T = (x / s)(W s)^T. The exponent of s = mean|x|^a is
 grid-searched for the least output error on sampled calibration inputs (jointly over layers
-that read the same input), then a per-group clipping ratio is searched the same way.
+that read the same input), then a per-group clipping ratio is searched the same way. With
+``gptq: true`` the scaled weight is rounded by GPTQ instead of clip search and round-to-nearest
+(the two methods compose: AWQ picks the scales, GPTQ compensates the rounding).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..ranges import MinMax
 from ..spec import QuantSpec
 from ..tensor import QTensor
 from . import LayerResult, register_algorithm
+from .gptq import gptq_quantize
 
 
 def fake_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -109,8 +112,11 @@ def awq_quantize(
     clip: bool = True,
     name: str = "weight",
     duo: bool = False,
+    hessian: torch.Tensor | None = None,
 ) -> LayerResult:
-    """Scale (searched unless given), clip-search, then round: returns the weight and x's divisor."""
+    """Scale (searched unless given), clip-search, then round: returns the weight and x's divisor.
+    With ``hessian`` (of the unscaled input) the scaled weight is rounded by GPTQ instead, on the
+    Hessian of x / s; the clipping search is then skipped (GPTQ chooses its grids as it goes)."""
     if isinstance(spec.format, (Codebook, Float)):
         raise SpecError(f"{name}: awq needs an Int or level-table format, not {spec.format.name}")
     if weight.dim() != 2:
@@ -118,7 +124,9 @@ def awq_quantize(
     w = weight.detach().float()
     s = search_scales([w], samples, spec, grid, duo) if scale is None else scale
     scaled = w * s
-    if clip and isinstance(spec.range, MinMax):
+    if hessian is not None:
+        qweight, _ = gptq_quantize(scaled, hessian.float() / torch.outer(s, s), spec, act_order=True, name=name)
+    elif clip and isinstance(spec.range, MinMax):
         ratio = search_clipping(scaled, samples / s, spec, grid)
         lo, hi = spec.granularity.reduce(scaled, lambda r: (r.amin(dim=1), r.amax(dim=1)))
         qp = qparams_from_range(spec.format, lo * ratio, hi * ratio, spec.torch_scale_dtype)
@@ -131,9 +139,10 @@ def awq_quantize(
 
 @register_algorithm(
     "awq",
-    options={"grid", "clip", "duo"},
-    stats={"samples"},
-    description="AWQ: activation-aware channel scales plus clipping search",
+    options={"grid", "clip", "duo", "gptq"},
+    stats={"samples", "hessian"},
+    description="AWQ: activation-aware channel scales plus clipping search (or GPTQ rounding)",
+    option_stats=lambda options: {"samples", "hessian"} if options.get("gptq") else {"samples"},
 )
 def awq(
     weight: torch.Tensor,
@@ -144,6 +153,7 @@ def awq(
     grid: int = 20,
     clip: bool = True,
     duo: bool = False,
+    gptq: bool = False,
     shared_scale: torch.Tensor | None = None,
     **_,
 ) -> LayerResult:
@@ -151,4 +161,9 @@ def awq(
         raise DataError(f"{name}: awq needs calibration data (sampled layer inputs)")
     if not (isinstance(grid, int) and grid >= 1):
         raise SpecError(f"{name}: awq grid={grid!r} must be a positive integer")
-    return awq_quantize(weight, stats.samples, spec, shared_scale, grid, bool(clip), name, bool(duo))
+    hessian = None
+    if gptq:
+        if stats.hessian_sum is None:
+            raise DataError(f"{name}: awq with gptq rounding needs a Hessian of the layer inputs; calibrate again")
+        hessian = stats.hessian
+    return awq_quantize(weight, stats.samples, spec, shared_scale, grid, bool(clip), name, bool(duo), hessian)
