@@ -9,7 +9,7 @@ SmolLM2-135M: greedy decode tokens/s at batch 1 (32-token prompt, 64 new tokens)
 under ``lowbit.runtime.compile`` (static KV cache, compiled decode step), prefill tokens/s on 512
 tokens, and WikiText-2 test perplexity on the first 8192 tokens.
 
-    .venv/bin/python bench/models.py [--quick] [--skip-smollm] > models.json
+    .venv/bin/python bench/models.py [--quick] [--skip-smollm | --skip-minilm] > models.json
 """
 
 from __future__ import annotations
@@ -139,12 +139,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sentences and tokens, shorter timings")
     parser.add_argument("--skip-smollm", action="store_true")
+    parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     args = parser.parse_args()
     seconds = 0.5 if args.quick else 2.0
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
               "native_kernels": lowbit.kernels.native_available()}  # fmt: skip
-    result["minilm"] = minilm(100 if args.quick else 500, seconds, not args.no_compile)
+    if not args.skip_minilm:
+        result["minilm"] = minilm(100 if args.quick else 500, seconds, not args.no_compile)
     if not args.skip_smollm:
         result["smollm2"] = smollm(2048 if args.quick else 8192, seconds, 16 if args.quick else 64, not args.no_compile)
     print(json.dumps(result, indent=1))
