@@ -171,6 +171,72 @@ def test_sensitivity_table_on_a_tiny_llama_orders_the_candidates(tmp_path, monke
         measure(loaded, calib, evaluation, ["w4-g128"], target="edge")
 
 
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    return BertModel(cfg).eval()
+
+
+class _ParallelBranches(torch.nn.Module):
+    """A ModuleList that is not a sequence of blocks: every branch reads the same input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.branches = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):
+        return sum(branch(x) for branch in self.branches)
+
+
+@pytest.mark.parametrize("model", ["llama", "bert", "parallel"])
+def test_replayed_prefix_gives_the_damages_of_full_forward_passes(tmp_path, monkeypatch, model):
+    """Sensitivity replays the float output of the blocks before a layer's block instead of
+    recomputing it; the damages equal those of full forward passes (and a ModuleList that is not
+    a chain of blocks is detected and run in full)."""
+    from lowbit.planning import replay, sensitivity
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    if model == "llama":
+        loaded = lowbit.Loaded(tiny_llama(), "causal-lm", "tiny-llama", meta={"type": "hf"})
+        batches = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)} for _ in range(4)]
+    elif model == "bert":
+        loaded = lowbit.Loaded(_tiny_bert(), "encoder", "tiny-bert", meta={"type": "hf"})
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[1, 12:] = 0
+        batches = [
+            {"input_ids": torch.randint(0, 60, (2, 20), generator=gen), "attention_mask": mask} for _ in range(4)
+        ]
+    else:
+        loaded = lowbit.Loaded(_ParallelBranches(), "image-classifier", "branches", meta={"type": "module"})
+        batches = [torch.randn(8, 16, generator=gen) for _ in range(4)]
+    boundaries = []  # blocks replayed in each damage measurement
+    real_damage = sensitivity.Metric.damage
+
+    def damage(self, m, r=None):
+        boundaries.append(0 if r is None else r.boundary)
+        return real_damage(self, m, r)
+
+    monkeypatch.setattr(sensitivity.Metric, "damage", damage)
+    fast = measure(loaded, batches[:2], batches[2:], ["w4-g128", "w2-g64"], use_cache=False)
+    monkeypatch.setattr(sensitivity, "find_blocks", lambda m: None)
+    full = measure(loaded, batches[:2], batches[2:], ["w4-g128", "w2-g64"], use_cache=False)
+    for name, entry in full["layers"].items():
+        for cand, option in entry["options"].items():
+            assert fast["layers"][name]["options"][cand]["damage"] == pytest.approx(
+                option["damage"], rel=1e-5, abs=1e-9
+            )
+    blocks = len(replay.find_blocks(loaded.model)[1])
+    replayed = set(boundaries[: len(boundaries) // 2])
+    # a chain of blocks: the last block's layers run after all the others are replayed; parallel
+    # branches: replaying two branches gives the wrong input, which is detected and run in full
+    assert max(replayed) == (blocks - 1 if model != "parallel" else 1), replayed
+
+
 def test_targets_accept_what_their_kernels_run():
     scheme = lambda name: get_preset(name).rules[0].scheme  # noqa: E731
     assert get_target("x86").supports(scheme("w4-g128"))[0]

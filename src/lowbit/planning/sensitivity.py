@@ -3,10 +3,12 @@ quantizing that layer alone.
 
 Two measurements per (layer, candidate): the layer's relative output error on sampled
 calibration inputs, and the end-to-end change of the model's metric with only that layer
-quantized (mean token loss for causal LMs, 1 - mean sentence-embedding cosine for encoders,
-KL divergence of predictions for classifiers: smoother than accuracy on small sets; with labels,
-the drop of the expected accuracy, the mean probability of the true class). The
-table is cached on disk, keyed by model digest, candidates and data.
+quantized (KL divergence to the float model per token for causal LMs, 1 - mean
+sentence-embedding cosine for encoders, KL divergence of predictions for classifiers: smoother
+than accuracy on small sets; with labels, the drop of the expected accuracy, the mean
+probability of the true class). The table is cached on disk, keyed by model digest, candidates
+and data. The blocks before a layer's block are replayed from their recorded float outputs
+(``replay``), not recomputed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from ..nn import set_submodule
 from ..presets import get_preset
 from ..quantize import build_layer, stats_needed
 from ..recipe import LayerScheme, Recipe, Rule
+from ..sequential import find_blocks
 from ..sparse import magnitude_mask, n_m_mask
+from .replay import BlockReplay
 from .targets import get_target
 
 DEFAULT_CANDIDATES = ("fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64", "w4-g128-2of4")
@@ -57,9 +61,7 @@ class Metric:
                 f"labels are for classifiers, one tensor per evaluation batch (got {len(labels)} for "
                 f"{len(batches)} batches of a {kind} model)"
             )
-        self.reference = [self.outputs(model, b) for b in batches]
-        if kind == "causal-lm" or (kind != "encoder" and labels is None):  # KL: float log-probs once
-            self.reference = [F.log_softmax(ref, -1) for ref in self.reference]
+        self.reference = [self._reference_form(self.outputs(model, b)) for b in batches]  # KL: log-probs once
 
     def outputs(self, model: nn.Module, batch: Any) -> torch.Tensor:
         with torch.inference_mode():
@@ -72,14 +74,36 @@ class Metric:
             return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
         return getattr(out, "logits", out).float()
 
-    def damage(self, model: nn.Module) -> float:
+    def _reference_form(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs in the form the reference is stored in (log-probabilities where the damage is a KL)."""
+        return (
+            F.log_softmax(out, -1)
+            if self.kind == "causal-lm" or (self.kind != "encoder" and self.labels is None)
+            else out
+        )
+
+    def replay_matches(self, model: nn.Module, replay: BlockReplay) -> bool:
+        """Whether the float model run with its first blocks replayed gives the reference outputs
+        on the first batch (it does for a stack of blocks run in sequence; not for, e.g., parallel branches)."""
+        replay.current = 0
+        with replay.active():
+            out = self._reference_form(self.outputs(model, self.batches[0]))
+        ref = self.reference[0]
+        return out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+    def damage(self, model: nn.Module, replay: BlockReplay | None = None) -> float:
         """KL to the float predictions per token (LM: the expected loss increase if the text followed the
         float model, with far less noise than the loss change on the batch's own tokens, which
         can even be negative and misleads the planner), 1 - cosine (encoder), KL per image
         (classifier), or the drop of expected accuracy (classifier with labels)."""
         total = 0.0
         for index, (batch, ref) in enumerate(zip(self.batches, self.reference, strict=True)):
-            out = self.outputs(model, batch)
+            if replay is None:
+                out = self.outputs(model, batch)
+            else:
+                replay.current = index
+                with replay.active():
+                    out = self.outputs(model, batch)
             if self.kind == "causal-lm":  # the expected loss increase when tokens follow the float model
                 total += _kl(out.flatten(0, -2), ref.flatten(0, -2))
             elif self.kind == "encoder":
@@ -182,17 +206,26 @@ def measure(
     plan = {n: schemes[names[0]] for n in layers}
     stats = collect_statistics(model, plan, calib, needs)
     metric = Metric(loaded.kind, model, evaluation, labels)
+    replay = BlockReplay(model, evaluation) if find_blocks(model) is not None else None
+    checked: dict[int, bool] = {}  # per block: replaying the blocks before it gives the float outputs
     pairs = [(name, cand) for name in layers for cand in names]
     local: dict[int, dict[str, Any]] = {}
     for index in distributed.mine(len(pairs)):  # every pair, or this rank's share under torchrun
         name, cand = pairs[index]
         if progress is not None:
             progress(f"{name} {cand}", index, len(pairs))
+        block = None if replay is None else replay.block_of(name)
+        if block is not None:
+            replay.advance(block)
+            if block not in checked:
+                checked[block] = metric.replay_matches(model, replay)
+            if not checked[block]:
+                block = None
         original = model.get_submodule(name)
         quantized = quantize_one(original, name, schemes[cand], stats.get(name))
         set_submodule(model, name, quantized)
         try:
-            damage = metric.damage(model)
+            damage = metric.damage(model, None if block is None else replay)
         finally:
             set_submodule(model, name, original)
         bias = 0 if quantized.bias is None else quantized.bias.numel() * quantized.bias.element_size()
