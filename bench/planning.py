@@ -3,7 +3,9 @@ held-out data. Prints one JSON object.
 
 1. SmolLM2-135M: per-layer sensitivity (KL to the float model per token on WikiText-2 valid windows), then plans
    at the size of uniform w4-g128 and of uniform w3-g128, each quantized and evaluated on
-   WikiText-2 test perplexity next to the uniform preset (same layers, same evaluation).
+   WikiText-2 test perplexity next to the uniform preset (same layers, same evaluation). Each
+   budget is planned twice: from the sensitivity around the float model (one layer quantized at
+   a time) and from one measured at the preset itself (every other layer quantized with it).
 2. MiniLM: the smallest plan whose predicted 1 - cosine stays within --max-drop, verified on
    WikiText-2 test sentences, next to uniform int8 (w8-weight). The same for a small CNN
    trained on Fashion-MNIST, with the budget on test accuracy.
@@ -56,25 +58,33 @@ def smollm2(args) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     log(f"smollm2 sensitivity: {len(table['layers'])} layers x {len(table['candidates'])} candidates, {seconds:.0f} s")
     rows, comparisons = [], []
-    for preset in ("w4-g128", "w3-g128"):
+    for preset in args.presets:
         recipe, uniform = _uniform(table, preset)
         base = verify(source, recipe, "causal-lm", uniform.damage, args.max_tokens)
-        budget_mb = base["size_mb"]
-        planned = make_plan(loaded, table, budget_mb=budget_mb)
-        got = verify(source, planned["recipe"], "causal-lm", planned["plan"]["predicted_damage"], args.max_tokens)
-        rows += [_row(f"uniform {preset}", base), _row(f"plan at {preset} size", got, planned["plan"]["counts"])]
-        comparisons.append(
-            {
-                "budget": f"size of uniform {preset}",
-                "uniform_perplexity": base["perplexity"],
-                "plan_perplexity": got["perplexity"],
-                "uniform_size_mb": base["size_mb"],
-                "plan_size_mb": got["size_mb"],
-                "plan_beats_uniform": got["perplexity"] < base["perplexity"] and got["size_mb"] <= base["size_mb"],
-            }
-        )
-        log(f"  {preset}: uniform {base['perplexity']:.3f} ({base['size_mb']:.1f} MB), "
-            f"plan {got['perplexity']:.3f} ({got['size_mb']:.1f} MB)")  # fmt: skip
+        rows.append(_row(f"uniform {preset}", base))
+        tables = {"around float": table}
+        if args.operating_point:
+            start = time.perf_counter()
+            tables[f"at uniform {preset}"] = sensitivity(loaded, args.lm_candidates, None, args.samples, base=preset)
+            log(f"smollm2 sensitivity at uniform {preset}: {time.perf_counter() - start:.0f} s")
+        for measured, source_table in tables.items():
+            planned = make_plan(loaded, source_table, budget_mb=base["size_mb"])
+            predicted = planned["plan"]["predicted_damage"]
+            got = verify(source, planned["recipe"], "causal-lm", predicted, args.max_tokens)
+            rows.append(_row(f"plan at {preset} size (measured {measured})", got, planned["plan"]["counts"]))
+            comparisons.append(
+                {
+                    "budget": f"size of uniform {preset}",
+                    "sensitivity": measured,
+                    "uniform_perplexity": base["perplexity"],
+                    "plan_perplexity": got["perplexity"],
+                    "uniform_size_mb": base["size_mb"],
+                    "plan_size_mb": got["size_mb"],
+                    "plan_beats_uniform": got["perplexity"] < base["perplexity"] and got["size_mb"] <= base["size_mb"],
+                }
+            )
+            log(f"  {preset}: uniform {base['perplexity']:.3f} ({base['size_mb']:.1f} MB), plan measured "
+                f"{measured} {got['perplexity']:.3f} ({got['size_mb']:.1f} MB)")  # fmt: skip
     float_ppl = base["float_perplexity"]
     sparse_rows = sparsity_rows(source, ("w4-g128", "w4-g128-2of4"), args.max_tokens, None, log)
     return {
@@ -192,6 +202,13 @@ def main() -> None:
         "--cnn-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64"]
     )
     parser.add_argument("--cnn-epochs", type=int, default=3)
+    parser.add_argument("--presets", nargs="+", default=["w4-g128", "w3-g128"], help="SmolLM2 uniform presets to match")
+    parser.add_argument(
+        "--operating-point",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SmolLM2: also plan from a sensitivity measured at each uniform preset (every other layer quantized)",
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "minilm", "fashion"])
     args = parser.parse_args()
     torch.manual_seed(0)

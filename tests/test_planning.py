@@ -237,6 +237,35 @@ def test_replayed_prefix_gives_the_damages_of_full_forward_passes(tmp_path, monk
     assert max(replayed) == (blocks - 1 if model != "parallel" else 1), replayed
 
 
+def test_sensitivity_at_an_operating_point(tmp_path, monkeypatch):
+    """base="w4-g128": every other layer is quantized with w4 while one layer takes each candidate.
+    The uniform-w4 plan predicts D(all w4) exactly and uniform plans keep their order; the float
+    model is restored; the replayed prefix gives the damages of full forward passes here too."""
+    from lowbit.planning import sensitivity
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    loaded = lowbit.Loaded(tiny_llama(), "causal-lm", "tiny-llama", meta={"type": "hf"})
+    gen = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)} for _ in range(3)]
+    evaluation = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)} for _ in range(2)]
+    cands = ["w8-weight", "w4-g128", "w2-g64"]
+    table = measure(loaded, calib, evaluation, cands, base="w4-g128", use_cache=False)
+    assert table["base"] == "w4-g128" and table["base_damage"] > 0
+    uniform = {next(iter(p.choices.values())): p for p in uniform_plans(table)}
+    assert uniform["w4-g128"].damage == pytest.approx(table["base_damage"], rel=1e-6)
+    assert uniform["w8-weight"].damage < uniform["w4-g128"].damage < uniform["w2-g64"].damage
+    assert all(type(m) is torch.nn.Linear for n, m in loaded.model.named_modules() if n.endswith("proj"))
+    monkeypatch.setattr(sensitivity, "find_blocks", lambda m: None)
+    full = measure(loaded, calib, evaluation, cands, base="w4-g128", use_cache=False)
+    for name, entry in full["layers"].items():
+        for cand, option in entry["options"].items():
+            assert table["layers"][name]["options"][cand]["damage"] == pytest.approx(
+                option["damage"], rel=1e-5, abs=1e-9
+            )
+    with pytest.raises(SpecError, match="base scheme"):
+        measure(loaded, calib, evaluation, ["w8-weight"], base="w4-g128")
+
+
 def test_targets_accept_what_their_kernels_run():
     scheme = lambda name: get_preset(name).rules[0].scheme  # noqa: E731
     assert get_target("x86").supports(scheme("w4-g128"))[0]

@@ -23,6 +23,15 @@ Candidates = Annotated[
 TargetOption = Annotated[str | None, typer.Option(help="x86 | arm | cuda | edge: only schemes it runs fast.")]
 
 
+BaseOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Measure at an operating point: every other layer quantized with this candidate while one layer "
+        "takes each candidate (captures how errors combine; best for budgets near that scheme's size)."
+    ),
+]
+
+
 def _candidates(text: str | None) -> list[str] | None:
     return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
@@ -33,6 +42,7 @@ def sensitivity(
     candidates: Candidates = None,
     target: TargetOption = None,
     samples: Annotated[int, typer.Option(help="Calibration samples (windows / sentence batches).")] = 16,
+    base: BaseOption = None,
     out: Annotated[Path | None, typer.Option(help="Also write the table as JSON here.")] = None,
     quiet: QuietFlag = False,
     as_json: JsonFlag = False,
@@ -47,7 +57,7 @@ def sensitivity(
 
     loaded = load_model(model)
     with bars(quiet) as bar:
-        table = measure(loaded, _candidates(candidates), target, samples, bar("sensitivity"))
+        table = measure(loaded, _candidates(candidates), target, samples, bar("sensitivity"), base)
     if out is not None and distributed.is_main():
         write_json(out, table)
     view = Table(title=f"{model}: damage ({table['metric']}) when only this layer is quantized")
@@ -74,6 +84,7 @@ def plan(
     candidates: Candidates = None,
     target: TargetOption = None,
     samples: Annotated[int, typer.Option(help="Calibration samples for the sensitivity measurement.")] = 16,
+    base: BaseOption = None,
     out: Annotated[Path, typer.Option(help="Where to write the plan's recipe (JSON).")] = Path("plan.json"),
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Quantize the plan and evaluate it on held-out data.")
@@ -96,7 +107,7 @@ def plan(
         raise SpecError("give exactly one budget: --budget-mb, --avg-bits or --max-drop")
     loaded = load_model(model)
     with bars(quiet) as bar:
-        table = sensitivity(loaded, _candidates(candidates), target, samples, bar("sensitivity"))
+        table = sensitivity(loaded, _candidates(candidates), target, samples, bar("sensitivity"), base)
     result = make_plan(loaded, table, budget_mb=budget_mb, avg_bits=avg_bits, max_drop=max_drop)
     result["target"] = target
     if distributed.is_main():

@@ -5,7 +5,8 @@ so a plan never exceeds its budget), and the Pareto front of size vs predicted m
 Predicted damage of a plan = the sum of its layers' measured single-layer damages (a
 first-order model, checked by ``verify`` against the real quantized model). Measured damages
 are noisy on small evaluation sets, so each layer's damages are first made plausible (see
-``effective_damages``): never negative, and never smaller for a smaller option.
+``effective_damages``): never negative (unless measured at an operating point, where a
+negative marginal change is real), and never smaller for a smaller option.
 """
 
 from __future__ import annotations
@@ -23,17 +24,23 @@ from .sensitivity import candidate_scheme
 MAX_UNITS = 40_000
 
 
-def effective_damages(options: dict[str, Any]) -> dict[str, float]:
-    """Per candidate of one layer: the measured damage raised to at least 0 and to at least the
-    damage of every option that stores more bytes. A single-layer measurement below zero, or a
+def effective_damages(options: dict[str, Any], floor: float = 0.0) -> dict[str, float]:
+    """Per candidate of one layer: the measured damage raised to at least ``floor`` and to at least
+    the damage of every option that stores more bytes. A single-layer measurement below zero, or a
     2-bit option measured better than 4-bit, is evaluation noise; a knapsack fed raw values
-    would buy that noise with the smallest formats."""
+    would buy that noise with the smallest formats. (Tables measured at an operating point hold
+    marginal changes, where below zero is real: their floor is -inf.)"""
     ranked = sorted(options, key=lambda c: -int(options[c]["bytes"]))
-    out, floor = {}, 0.0
+    out = {}
     for cand in ranked:
         floor = max(floor, float(options[cand]["damage"]))
         out[cand] = floor
     return out
+
+
+def damage_floor(table: dict[str, Any]) -> float:
+    """0 for damages measured around the float model, -inf for marginal ones at an operating point."""
+    return -math.inf if table.get("base") else 0.0
 
 
 @dataclass
@@ -61,7 +68,7 @@ class Knapsack:
             names = [c for c in (allowed or list(opts)) if c in opts]
             if not names:
                 raise SpecError(f"{name}: none of the allowed candidates {allowed} was measured")
-            damage = effective_damages(opts)
+            damage = effective_damages(opts, damage_floor(table))
             self.options.append([(c, int(opts[c]["bytes"]), damage[c]) for c in names])
         total = sum(max(b for _, b, _ in opts) for opts in self.options)
         self.unit = max(1, math.ceil(total / MAX_UNITS))
@@ -150,7 +157,7 @@ def uniform_plans(table: dict[str, Any]) -> list[Plan]:
                 Plan(
                     {n: cand for n in layers},
                     sum(layers[n]["options"][cand]["bytes"] for n in layers),
-                    sum(effective_damages(layers[n]["options"])[cand] for n in layers),
+                    sum(effective_damages(layers[n]["options"], damage_floor(table))[cand] for n in layers),
                 )
             )
     return plans

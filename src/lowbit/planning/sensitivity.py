@@ -13,10 +13,11 @@ and data. The blocks before a layer's block are replayed from their recorded flo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -83,13 +84,13 @@ class Metric:
         )
 
     def replay_matches(self, model: nn.Module, replay: BlockReplay) -> bool:
-        """Whether the float model run with its first blocks replayed gives the reference outputs
-        on the first batch (it does for a stack of blocks run in sequence; not for, e.g., parallel branches)."""
+        """Whether the model run with its first blocks replayed gives the outputs of a full forward
+        pass on the first batch (it does for a stack of blocks run in sequence; not for, e.g., parallel branches)."""
+        full = self._reference_form(self.outputs(model, self.batches[0]))
         replay.current = 0
         with replay.active():
             out = self._reference_form(self.outputs(model, self.batches[0]))
-        ref = self.reference[0]
-        return out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+        return out.shape == full.shape and torch.allclose(out, full, rtol=1e-5, atol=1e-5)
 
     def damage(self, model: nn.Module, replay: BlockReplay | None = None) -> float:
         """KL to the float predictions per token (LM: the expected loss increase if the text followed the
@@ -114,6 +115,69 @@ class Metric:
             else:
                 total += _kl(out, ref)
         return total / len(self.batches)
+
+
+@contextlib.contextmanager
+def _operating_point(
+    model: nn.Module, layers: list[str], scheme: LayerScheme | None, stats: dict
+) -> Iterator[dict[str, nn.Module]]:
+    """Yields the float layers by name; while inside, each is replaced by its ``scheme``
+    quantization (when a scheme is given). The float layers are back in place afterwards."""
+    floats = {n: model.get_submodule(n) for n in layers}
+    try:
+        if scheme is not None:
+            for name in layers:
+                set_submodule(model, name, quantize_one(floats[name], name, scheme, stats.get(name)))
+        yield floats
+    finally:
+        for name in layers:
+            set_submodule(model, name, floats[name])
+
+
+def _measure_pairs(
+    model: nn.Module,
+    floats: dict[str, nn.Module],
+    pairs: list[tuple[str, str]],
+    schemes: dict[str, LayerScheme],
+    stats: dict,
+    metric: Metric,
+    base: str | None,
+    base_damage: float | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> list[dict[str, Any]]:
+    """Per (layer, candidate): bytes, bits/weight, layer error and the damage with that layer
+    quantized by the candidate and every other layer as it is in ``model`` now."""
+    replay = BlockReplay(model, metric.batches) if find_blocks(model) is not None else None
+    checked: dict[int, bool] = {}  # per block: replaying the blocks before it gives the full forward's outputs
+    local: dict[int, dict[str, Any]] = {}
+    for index in distributed.mine(len(pairs)):  # every pair, or this rank's share under torchrun
+        name, cand = pairs[index]
+        if progress is not None:
+            progress(f"{name} {cand}", index, len(pairs))
+        original = floats[name]
+        quantized = quantize_one(original, name, schemes[cand], stats.get(name))
+        if cand == base:
+            damage = base_damage  # the operating point itself
+        else:
+            block = None if replay is None else replay.block_of(name)
+            if block is not None:
+                replay.advance(block)
+                if block not in checked:
+                    checked[block] = metric.replay_matches(model, replay)
+            present = model.get_submodule(name)
+            set_submodule(model, name, quantized)
+            try:
+                damage = metric.damage(model, replay if block is not None and checked[block] else None)
+            finally:
+                set_submodule(model, name, present)
+        bias = 0 if quantized.bias is None else quantized.bias.numel() * quantized.bias.element_size()
+        local[index] = {
+            "bytes": quantized.qweight.nbytes + bias,
+            "bits_per_weight": 8.0 * quantized.qweight.nbytes / original.weight.numel(),
+            "layer_error": layer_error(original, quantized, stats[name].samples if name in stats else None),
+            "damage": damage,
+        }
+    return distributed.gather(local, len(pairs))
 
 
 def _kl(out: torch.Tensor, ref_logp: torch.Tensor) -> float:
@@ -179,22 +243,32 @@ def measure(
     progress: Callable[[str, int, int], None] | None = None,
     use_cache: bool = True,
     labels: list[torch.Tensor] | None = None,
+    base: str | None = None,
 ) -> dict[str, Any]:
     """The sensitivity table: per layer, per candidate: bytes, bits/weight, layer error, damage.
     With ``labels`` (one tensor of class indices per evaluation batch) a classifier's damage is
-    the drop of its expected accuracy (mean probability of the true class) instead of the KL."""
+    the drop of its expected accuracy (mean probability of the true class) instead of the KL.
+
+    ``base`` (a candidate) measures at an operating point instead of around the float model:
+    every other layer is quantized with ``base`` while one layer takes each candidate, so the
+    damages include how a layer's error combines with everyone else's. A layer's damage is then
+    D(base) / layers + D(that layer changed) - D(base): a plan's sum is D(base) plus the
+    marginal changes, and the uniform ``base`` plan sums to D(base) exactly."""
     names = list(candidates or DEFAULT_CANDIDATES)
     if target is not None:
         names = [n for n in names if get_target(target).supports(candidate_scheme(n))[0]]
     if not names:
         raise SpecError("no candidate scheme is left (check --candidates and --target)")
+    if base is not None and base not in names:
+        raise SpecError(f"the base scheme {base!r} must be one of the candidates {names}")
     schemes = {n: candidate_scheme(n) for n in names}
     model = loaded.model
     layers = list(Recipe(name="all", rules=(Rule(schemes[names[0]], types=("Linear", "Conv2d")),)).resolve(model))
     if not layers:
         raise SpecError("the model has no quantizable Linear/Conv2d layer (the head and embeddings stay float)")
     metric_name = METRICS[loaded.kind] if labels is None else EXPECTED_ACCURACY
-    key = _digest(loaded, names + layers, calib + evaluation + list(labels or []), f"{target or ''}|{metric_name}")
+    context = f"{target or ''}|{metric_name}" + ("" if base is None else f"|base={base}")
+    key = _digest(loaded, names + layers, calib + evaluation + list(labels or []), context)
     path = cache_dir() / "sensitivity" / f"{key}.json"
     if use_cache and path.is_file():
         return json.loads(path.read_text())
@@ -206,40 +280,16 @@ def measure(
     plan = {n: schemes[names[0]] for n in layers}
     stats = collect_statistics(model, plan, calib, needs)
     metric = Metric(loaded.kind, model, evaluation, labels)
-    replay = BlockReplay(model, evaluation) if find_blocks(model) is not None else None
-    checked: dict[int, bool] = {}  # per block: replaying the blocks before it gives the float outputs
-    pairs = [(name, cand) for name in layers for cand in names]
-    local: dict[int, dict[str, Any]] = {}
-    for index in distributed.mine(len(pairs)):  # every pair, or this rank's share under torchrun
-        name, cand = pairs[index]
-        if progress is not None:
-            progress(f"{name} {cand}", index, len(pairs))
-        block = None if replay is None else replay.block_of(name)
-        if block is not None:
-            replay.advance(block)
-            if block not in checked:
-                checked[block] = metric.replay_matches(model, replay)
-            if not checked[block]:
-                block = None
-        original = model.get_submodule(name)
-        quantized = quantize_one(original, name, schemes[cand], stats.get(name))
-        set_submodule(model, name, quantized)
-        try:
-            damage = metric.damage(model, None if block is None else replay)
-        finally:
-            set_submodule(model, name, original)
-        bias = 0 if quantized.bias is None else quantized.bias.numel() * quantized.bias.element_size()
-        local[index] = {
-            "bytes": quantized.qweight.nbytes + bias,
-            "bits_per_weight": 8.0 * quantized.qweight.nbytes / original.weight.numel(),
-            "layer_error": layer_error(original, quantized, stats[name].samples if name in stats else None),
-            "damage": damage,
-        }
-    options = distributed.gather(local, len(pairs))
+    with _operating_point(model, layers, None if base is None else schemes[base], stats) as floats:
+        base_damage = None if base is None else metric.damage(model)
+        pairs = [(name, cand) for name in layers for cand in names]
+        options = _measure_pairs(model, floats, pairs, schemes, stats, metric, base, base_damage, progress)
     table: dict[str, Any] = {}
     for (name, cand), option in zip(pairs, options, strict=True):
+        if base is not None:  # the marginal change at the operating point, plus an equal share of D(base)
+            option["damage"] = base_damage / len(layers) + option["damage"] - base_damage
         if name not in table:
-            original = model.get_submodule(name)
+            original = floats[name]
             table[name] = {
                 "type": type(original).__name__,
                 "shape": list(original.weight.shape),
@@ -256,6 +306,8 @@ def measure(
         "layers": table,
         "calibration_batches": len(calib),
         "evaluation_batches": len(evaluation),
+        "base": base,
+        "base_damage": base_damage,
         "seconds": time.perf_counter() - start,
     }
     if use_cache and distributed.is_main():

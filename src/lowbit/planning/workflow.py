@@ -39,9 +39,12 @@ def sensitivity(
     target: str | None = None,
     samples: int = 16,
     progress: Callable[[str, int, int], None] | None = None,
+    base: str | None = None,
 ) -> dict[str, Any]:
+    """The sensitivity table on the model's planning data (around the float model, or at the
+    operating point where every other layer uses ``base``)."""
     calib, evaluation = planning_data(loaded, samples)
-    return measure(loaded, calib, evaluation, candidates, target, progress)
+    return measure(loaded, calib, evaluation, candidates, target, progress, base=base)
 
 
 def _fixed_bytes(loaded: Loaded, table: dict[str, Any]) -> int:
