@@ -7,7 +7,10 @@ in the same run: DRAM read bandwidth (``x.sum()`` over 1 GiB) for M=1 and peak G
 the bench rotates through copies of the layer totalling > 3x L3 so each call streams its
 weight from DRAM, as in a real model. W8A8 rows include quantizing the activations.
 
-    .venv/bin/python bench/kernels.py [--quick] > kernels.json
+    .venv/bin/python bench/kernel_speed.py [--quick] > kernels.json
+
+(Not named ``kernels.py``: scripts run from bench/ would shadow the ``kernels`` package that
+transformers >= 5.25 imports.)
 """
 
 from __future__ import annotations
