@@ -5,7 +5,8 @@ held-out data. Prints one JSON object.
    at the size of uniform w4-g128 and of uniform w3-g128, each quantized and evaluated on
    WikiText-2 test perplexity next to the uniform preset (same layers, same evaluation). Each
    budget is planned twice: from the sensitivity around the float model (one layer quantized at
-   a time) and from one measured at the preset itself (every other layer quantized with it).
+   a time) and from one measured at the preset itself (every other layer quantized with it);
+   --no-float-table plans from the latter only.
 2. MiniLM: the smallest plan whose predicted 1 - cosine stays within --max-drop, verified on
    WikiText-2 test sentences, next to uniform int8 (w8-weight). The same for a small CNN
    trained on Fashion-MNIST, with the budget on test accuracy.
@@ -53,20 +54,27 @@ def _row(label: str, verified: dict[str, Any], counts: dict[str, int] | None = N
 def smollm2(args) -> dict[str, Any]:
     source = "builtin:smollm2-135m"
     loaded = lowbit.load_model(source)
-    start = time.perf_counter()
-    table = sensitivity(loaded, args.lm_candidates, None, args.samples)
-    seconds = time.perf_counter() - start
-    log(f"smollm2 sensitivity: {len(table['layers'])} layers x {len(table['candidates'])} candidates, {seconds:.0f} s")
+    if not (args.float_table or args.operating_point):
+        raise SystemExit("planning.py: --no-float-table needs --operating-point")
+    seconds: dict[str, float] = {}
+    table = None
+    if args.float_table:
+        start = time.perf_counter()
+        table = sensitivity(loaded, args.lm_candidates, None, args.samples)
+        seconds["around float"] = time.perf_counter() - start
+        log(f"smollm2 sensitivity: {len(table['layers'])} layers x {len(table['candidates'])} candidates, "
+            f"{seconds['around float']:.0f} s")  # fmt: skip
     rows, comparisons = [], []
     for preset in args.presets:
-        recipe, uniform = _uniform(table, preset)
-        base = verify(source, recipe, "causal-lm", uniform.damage, args.max_tokens)
-        rows.append(_row(f"uniform {preset}", base))
-        tables = {"around float": table}
+        tables = {} if table is None else {"around float": table}
         if args.operating_point:
             start = time.perf_counter()
             tables[f"at uniform {preset}"] = sensitivity(loaded, args.lm_candidates, None, args.samples, base=preset)
-            log(f"smollm2 sensitivity at uniform {preset}: {time.perf_counter() - start:.0f} s")
+            seconds[f"at uniform {preset}"] = time.perf_counter() - start
+            log(f"smollm2 sensitivity at uniform {preset}: {seconds[f'at uniform {preset}']:.0f} s")
+        recipe, uniform = _uniform(next(iter(tables.values())), preset)
+        base = verify(source, recipe, "causal-lm", uniform.damage, args.max_tokens)
+        rows.append(_row(f"uniform {preset}", base))
         for measured, source_table in tables.items():
             planned = make_plan(loaded, source_table, budget_mb=base["size_mb"])
             predicted = planned["plan"]["predicted_damage"]
@@ -89,10 +97,10 @@ def smollm2(args) -> dict[str, Any]:
     sparse_rows = sparsity_rows(source, ("w4-g128", "w4-g128-2of4"), args.max_tokens, None, log)
     return {
         "model": source,
-        "metric": table["metric"],
+        "metric": source_table["metric"],
         "float_perplexity": float_ppl,
         "sensitivity_seconds": seconds,
-        "candidates": table["candidates"],
+        "candidates": source_table["candidates"],
         "rows": rows,
         "comparisons": comparisons,
         "sparsity": sparse_rows,
@@ -208,6 +216,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="SmolLM2: also plan from a sensitivity measured at each uniform preset (every other layer quantized)",
+    )
+    parser.add_argument(
+        "--float-table",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SmolLM2: plan from the sensitivity around the float model (one layer quantized at a time)",
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=["smollm2", "minilm", "fashion"])
     args = parser.parse_args()

@@ -18,7 +18,7 @@ from .ranges import MinMax, MovingMinMax, RangeObserver, merge_samples
 from .recipe import ActivationSpec, LayerScheme
 from .reduction import TreeReducer, gathered, owned
 
-STAT_KINDS = ("channels", "mean", "samples", "hessian", "range")
+STAT_KINDS = ("channels", "mean", "samples", "hessian", "range", "cross")
 
 
 def forward_batch(model: nn.Module, batch: Any) -> Any:
@@ -57,6 +57,7 @@ class LayerStats:
     samples: torch.Tensor | None = None
     hessian_sum: torch.Tensor | None = None
     hessian_rows: int = 0
+    cross_sum: torch.Tensor | None = None  # sum of x_float^T x over the Hessian rows (sequential runs only)
     observer: RangeObserver | None = None
     pool: torch.Tensor | None = None  # a fair sample of the rows seen
     peaks: torch.Tensor | None = None  # the rows of largest magnitude seen
@@ -73,6 +74,12 @@ class LayerStats:
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n (the GPTQ convention)."""
         return 2.0 * self.hessian_sum / max(1, self.hessian_rows)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """C = 2 X_float^T X / n: the layer's float-model inputs against the inputs it really sees
+        (the quantized blocks before it); H's counterpart for an asymmetric GPTQ target."""
+        return 2.0 * self.cross_sum / max(1, self.hessian_rows)
 
     def input_range(self, act: ActivationSpec, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Clipping range of the (smoothed) input for a static activation scheme."""
@@ -136,6 +143,7 @@ class _Collector:
         self.tree: TreeReducer[LayerStats] = TreeReducer(self.combine)
         self.index, self.calls = -1, 0
         self.current: LayerStats | None = None
+        self.reference: list[torch.Tensor] | None = None  # the float model's inputs of this batch, per call
 
     def begin(self, index: int) -> None:
         self.index, self.calls, self.current = index, 0, None
@@ -178,6 +186,11 @@ class _Collector:
         if "hessian" in self.kinds:
             h_rows = _hessian_rows(module, x).double()
             stats.hessian_sum, stats.hessian_rows = h_rows.T @ h_rows, h_rows.shape[0]
+            if "cross" in self.kinds and self.reference is not None:
+                reference = self.reference[self.calls].detach().float()
+                if reference.shape != x.shape:
+                    raise DataError(f"float-model input {tuple(reference.shape)} differs from {tuple(x.shape)}")
+                stats.cross_sum = _hessian_rows(module, reference).double().T @ h_rows
         stats.rows_seen = rows.shape[0]
         return stats
 
@@ -191,6 +204,7 @@ class _Collector:
         out.channel_max = _either(a.channel_max, b.channel_max, torch.maximum)
         out.channel_sum = _either(a.channel_sum, b.channel_sum, torch.add)
         out.hessian_sum = _either(a.hessian_sum, b.hessian_sum, torch.add)
+        out.cross_sum = _either(a.cross_sum, b.cross_sum, torch.add)
         out.observer = _either(a.observer, b.observer, lambda p, q: p.merged(q, gen))
         out.pool = _either(
             a.pool, b.pool, lambda p, q: merge_samples(p, a.rows_seen, q, b.rows_seen, self.max_samples, gen)

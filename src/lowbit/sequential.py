@@ -6,11 +6,16 @@ collect its layers' statistics from its inputs, quantize its layers, and run the
 block to make the next block's inputs. Inside a block, layers that read the same tensor form a
 stage, quantized before the next stage's statistics are taken ("true sequential"). Only one
 stage's statistics exist at a time.
+
+Layers that ask for "cross" statistics (GPTQ's asymmetric target) also get the inputs the float
+model would give them: a float copy of each block runs beside the quantized one on the float
+hidden states, which are carried through the blocks next to the quantized ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -126,6 +131,7 @@ def block_statistics(
     probe: Call,
     seed: int = 0,
     stop_early: bool = False,
+    reference: tuple[nn.Module, dict[int, Call]] | None = None,
 ) -> tuple[dict[str, LayerStats], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Statistics of the block's layers from its recorded inputs (``calls``: this process's
     share, by batch index, of ``count`` batches; gathered across processes under torchrun);
@@ -135,7 +141,10 @@ def block_statistics(
 
     ``stop_early`` (for layers that run once per forward) ends each forward as soon as every
     layer of the stage has seen its input: the rest of the block does not change the statistics,
-    and skipping it makes the early stages of a block nearly free."""
+    and skipping it makes the early stages of a block nearly free.
+
+    ``reference`` (the float block and the float model's calls by batch index) gives layers
+    asking for "cross" statistics the float inputs of each batch, in call order."""
     collectors: dict[str, _Collector] = {}
     inputs: dict[str, torch.Tensor] = {}
     norm_outputs: dict[str, torch.Tensor] = {}
@@ -174,9 +183,14 @@ def block_statistics(
         with contextlib.suppress(_StageDone):
             run_block(block, call)
 
+    crossed = [name for name, c in collectors.items() if "cross" in c.kinds]
     try:
         with torch.inference_mode():
             for index, call in calls.items():
+                if reference is not None and crossed:
+                    float_inputs = _layer_inputs(reference[0], prefix, crossed, reference[1][index])
+                    for name in crossed:
+                        collectors[name].reference = float_inputs[name]
                 for collector in collectors.values():
                     collector.begin(index)
                 forward(call)
@@ -188,6 +202,24 @@ def block_statistics(
         for handle in handles:
             handle.remove()
     return finish_statistics(collectors, count), inputs, norm_outputs
+
+
+def _layer_inputs(block: nn.Module, prefix: str, names: list[str], call: Call) -> dict[str, list[torch.Tensor]]:
+    """The inputs of the named layers of ``block`` on one call, per layer in call order."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = []
+    for name in names:
+
+        def record(module, args, name=name):
+            seen[name].append(args[0].detach())
+
+        handles.append(block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(record))
+    try:
+        run_block(block, call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def fold_into_norm(block: nn.Module, prefix: str, norm_name: str, layers: list[str], call: Call) -> bool:
@@ -284,6 +316,8 @@ def run_sequential(
     captured = capture_inputs(model, blocks_name, [batches[i] for i in mine + extra])
     calls = dict(zip(mine, captured[: len(mine)], strict=True))
     separate_probe = captured[-1] if extra else None
+    crossing = any("cross" in kinds for kinds in needs.values())
+    float_calls = dict(calls) if crossing else None  # the float model's block inputs, carried alongside
     start = 0
     if journal is not None and journal.done:
         saved = journal.saved_hidden
@@ -291,6 +325,11 @@ def run_sequential(
             raise CheckpointError(
                 f"{journal.directory}: the journal holds {len(saved)} calibration batches, the run has "
                 f"{len(calls)}; run without --resume to start over"
+            )
+        if crossing:
+            raise CheckpointError(
+                f"{journal.directory}: a run whose layers compare against the float model's inputs "
+                "(gptq asymmetric) cannot resume; run without --resume to start over"
             )
         start = journal.done
         calls = {i: _with_hidden(call, h) for (i, call), h in zip(calls.items(), saved, strict=True)}
@@ -302,6 +341,8 @@ def run_sequential(
         if progress is not None:
             progress(f"block {index + 1}/{len(module_list)}", index, len(module_list))
         block_needs = {name: kinds for name, kinds in needs.items() if name.startswith(prefix)}
+        float_block = copy.deepcopy(block) if float_calls is not None else None
+        reference = None if float_block is None else (float_block, float_calls)
         if block_needs:
             layers = [name for name in plan if name.startswith(prefix)]
             counts: dict[str, int] = {}
@@ -314,7 +355,15 @@ def run_sequential(
                 stats, inputs, norm_outputs = {}, {}, {}
                 if any(stage_needs.values()):
                     stats, inputs, norm_outputs = block_statistics(
-                        block, prefix, stage_needs, plan, calls, len(batches), probe, stop_early=once
+                        block,
+                        prefix,
+                        stage_needs,
+                        plan,
+                        calls,
+                        len(batches),
+                        probe,
+                        stop_early=once,
+                        reference=reference,
                     )
                 names = stage + unseen if number == len(stages) - 1 else stage
                 quantize_block(block, prefix, names, stats, inputs, norm_outputs, probe)
@@ -322,5 +371,7 @@ def run_sequential(
             calls = {i: _with_hidden(call, run_block(block, call)) for i, call in calls.items()}
             if separate_probe is not None:
                 separate_probe = _with_hidden(separate_probe, run_block(block, separate_probe))
+            if float_block is not None:
+                float_calls = {i: _with_hidden(call, run_block(float_block, call)) for i, call in float_calls.items()}
         if journal is not None:
             journal.save(index, block, prefix, [_hidden(call) for call in calls.values()])

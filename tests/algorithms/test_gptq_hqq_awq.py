@@ -164,3 +164,44 @@ def test_awq_with_gptq_rounding_equals_gptq_on_the_scaled_problem():
         return float(((x @ w.T - x @ w_eff.T) ** 2).mean())
 
     assert err(combined) < err(plain)
+
+
+def test_asymmetric_target_is_the_least_squares_map_from_seen_to_float_inputs():
+    """W C H^-1 with (almost) no damping equals lstsq(X, X_f W^T): the weight whose outputs on the
+    inputs the layer sees are closest to the float model's outputs W X_f."""
+    from lowbit.algorithms.gptq import asymmetric_target
+
+    x_float = correlated_inputs(1024, 32, seed=2).double()
+    x_seen = x_float + 0.2 * torch.randn(x_float.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    n = x_float.shape[0]
+    target = asymmetric_target(w, 2 * x_seen.T @ x_seen / n, 2 * x_float.T @ x_seen / n, damp=1e-12)
+    expected = torch.linalg.lstsq(x_seen, x_float @ w.T).solution.T
+    torch.testing.assert_close(target, expected, rtol=1e-6, atol=1e-8)
+    same = asymmetric_target(w, 2 * x_float.T @ x_float / n, 2 * x_float.T @ x_float / n, damp=1e-12)
+    torch.testing.assert_close(same, w, rtol=1e-6, atol=1e-8)  # float inputs: the plain target
+
+
+def test_asymmetric_gptq_lowers_the_error_against_float_outputs():
+    """Inputs that drifted from the float model's (as after quantized blocks): GPTQ on the
+    asymmetric target gets closer to W X_f than GPTQ on W, which only matches W X."""
+    from lowbit.algorithms.gptq import gptq
+    from lowbit.calibration import LayerStats
+
+    spec = QuantSpec(Int(4, False), PerGroup(32))
+    x_float = correlated_inputs(2048, 96, seed=7)
+    drift = torch.randn(96, 96, generator=torch.Generator().manual_seed(8)) * 0.05
+    x_seen = x_float + x_float @ drift
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(9))
+    stats = LayerStats(
+        hessian_sum=(x_seen.T @ x_seen).double(), hessian_rows=2048, cross_sum=(x_float.T @ x_seen).double()
+    )
+
+    def err(qt):
+        return float(((x_float @ w.T - x_seen @ qt.dequantize().T) ** 2).mean())
+
+    plain = gptq(w, spec, stats)
+    asymmetric = gptq(w, spec, stats, asymmetric=True)
+    assert err(asymmetric) < 0.5 * err(plain)
+    with pytest.raises(SpecError, match="asymmetric"):
+        gptq(w, spec, stats, asymmetric="yes")

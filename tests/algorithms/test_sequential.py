@@ -200,3 +200,36 @@ def test_calibration_samples_always_keep_the_rare_massive_rows():
     samples = finish_statistics({"layer": collector}, 50)["layer"].samples
     assert samples.shape[0] == 64 + 2  # the reservoir plus max_samples // 32 peak rows
     assert float(samples.abs().max()) == 1000.0
+
+
+def test_asymmetric_gptq_collects_float_inputs_beside_the_quantized_ones():
+    """Block-by-block GPTQ with ``asymmetric``: layers after the first quantized ones get cross
+    statistics against the float model's inputs (equal to the Hessian in block 0's first stage,
+    different later); the model is closer to float than plain GPTQ on held-out data."""
+    from lowbit.algorithms import gptq as gptq_module
+
+    calib, held_out = batches(128, 4), batches(128, 3, seed=9)
+    ref = tiny_llama()
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    original = gptq_module.asymmetric_target
+
+    def spy(weight, hessian, cross, damp):
+        seen[len(seen)] = (hessian.clone(), cross.clone())
+        return original(weight, hessian, cross, damp)
+
+    errors = {}
+    for label, options in (("plain", {}), ("asymmetric", {"asymmetric": True})):
+        model = tiny_llama()
+        rule = {"weight": {"format": "int3-asym", "granularity": "group:32"}, "algorithm": "gptq", "options": options}
+        gptq_module.asymmetric_target = spy
+        try:
+            lowbit.quantize(model, Recipe.from_dict({"rules": [rule]}), calib=calib)
+        finally:
+            gptq_module.asymmetric_target = original
+        errors[label] = _logit_error(model, ref, held_out)
+    assert len(seen) == 7 * 3  # every layer of every block
+    h, c = seen[0]  # q_proj of block 0: its inputs are the float model's
+    torch.testing.assert_close(c, h, rtol=1e-5, atol=1e-6)
+    h, c = seen[len(seen) - 1]  # down_proj of the last block: inputs drifted
+    assert not torch.allclose(c, h, rtol=1e-3, atol=1e-4)
+    assert errors["asymmetric"] < errors["plain"], errors

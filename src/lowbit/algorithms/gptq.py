@@ -6,6 +6,12 @@ format of the core (the format is injected through ``primitives``).
 With act-order the columns are visited in order of decreasing Hessian diagonal, while the
 stored groups stay contiguous in the original column order: a group's scale and zero point
 are chosen when its first column is reached, from the group's current (error-updated) values.
+
+``asymmetric: true`` (GPTAQ-style, Li et al. 2025) targets the float model's output instead of
+the layer's own: in a block-by-block run a layer's inputs X come from quantized blocks, while
+the float model gave it X_f. Minimising |W X_f - Q X| over Q = (W C H^-1 - Q) X + const, with
+C = X_f^T X, so GPTQ rounds the least-squares target W C H^-1 on H: each layer also corrects the
+error the layers before it left in its inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ def _prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -
     W[:, dead] = 0.0
     H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
     return H, W
+
+
+def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """W C (H + damp)^-1: the weight that maps the inputs a layer sees closest (least squares, ridge-
+    damped like GPTQ's Hessian) to the float model's outputs W X_f. With X = X_f it is W (up to damping)."""
+    H, W = _prepare_hessian(hessian, weight.detach(), damp)
+    if cross.shape != H.shape:
+        raise DataError(f"cross statistics {tuple(cross.shape)} do not match the Hessian {tuple(H.shape)}")
+    target = torch.linalg.solve(H, cross.to(torch.float64).T @ W.T).T
+    return target.to(weight.dtype).reshape(weight.shape)
 
 
 def _inverse_cholesky(H: torch.Tensor, name: str) -> torch.Tensor:
@@ -184,9 +200,10 @@ def _assemble(codes, col_params, spec: QuantSpec, weight: torch.Tensor, group: i
 
 @register_algorithm(
     "gptq",
-    options={"damp", "block_size", "act_order"},
-    stats={"hessian"},
+    options={"damp", "block_size", "act_order", "asymmetric"},
+    stats={"hessian", "cross"},
     description="GPTQ: Hessian-aware column-by-column rounding (damping, lazy blocks, act-order)",
+    option_stats=lambda options: {"hessian", "cross"} if options.get("asymmetric") else {"hessian"},
 )
 def gptq(
     weight: torch.Tensor,
@@ -197,17 +214,24 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
+    asymmetric: bool = False,
     keep: torch.Tensor | None = None,
     sparsity=None,
     **_,
 ) -> QTensor:
-    """The registered form: the Hessian comes from calibration statistics."""
+    """The registered form: the Hessian comes from calibration statistics. ``asymmetric`` rounds
+    the float-output target where the statistics hold float-model inputs (block-by-block runs;
+    elsewhere a layer's inputs are the float model's and the plain target is the same)."""
     if stats is None or stats.hessian_sum is None:
         raise DataError(f"{name}: gptq needs calibration data (a Hessian of the layer inputs)")
     if not (isinstance(damp, (int, float)) and 0 < damp < 1):
         raise SpecError(f"{name}: gptq damp={damp!r} must lie in (0, 1)")
     if not (isinstance(block_size, int) and block_size >= 1):
         raise SpecError(f"{name}: gptq block_size={block_size!r} must be a positive integer")
+    if asymmetric not in (True, False):
+        raise SpecError(f"{name}: gptq asymmetric={asymmetric!r} must be true or false")
+    if asymmetric and stats.cross_sum is not None:
+        weight = asymmetric_target(weight.float(), stats.hessian, stats.cross, damp)
     prune = None
     if sparsity is not None and sparsity.method == "sparsegpt":
         prune, keep = (sparsity.pattern, sparsity.ratio), None
