@@ -191,3 +191,16 @@ def test_resume_under_torchrun_is_refused_and_no_journal_is_written(source, tmp_
     with pytest.raises(LowbitError, match="single-process run"):
         lowbit.quantize(lowbit.load_model(str(source)), "w4-g128-gptq", _calib(), journal=tmp_path / "j", resume=True)
     assert not (tmp_path / "j").exists()
+
+
+def test_asymmetric_gptq_refuses_to_resume(source, tmp_path):
+    """Asymmetric GPTQ carries the float model's hidden states, which the journal does not keep."""
+    from lowbit.recipe import Recipe
+
+    rule = {"weight": {"format": "int4-asym", "granularity": "group:32"}, "algorithm": "gptq"}
+    recipe = Recipe.from_dict({"name": "gptaq", "rules": [{**rule, "options": {"asymmetric": True}}]})
+    journal = tmp_path / "journal"
+    with pytest.raises(_Crash):
+        lowbit.quantize(lowbit.load_model(str(source)), recipe, _calib(), progress=_crash_at(2), journal=journal)
+    with pytest.raises(LowbitError, match="cannot resume"):
+        lowbit.quantize(lowbit.load_model(str(source)), recipe, _calib(), journal=journal, resume=True)
