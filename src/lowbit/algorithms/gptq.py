@@ -9,9 +9,9 @@ are chosen when its first column is reached, from the group's current (error-upd
 
 ``asymmetric: true`` (GPTAQ-style, Li et al. 2025) targets the float model's output instead of
 the layer's own: in a block-by-block run a layer's inputs X come from quantized blocks, while
-the float model gave it X_f. Minimising |W X_f - Q X| over Q = (W C H^-1 - Q) X + const, with
-C = X_f^T X, so GPTQ rounds the least-squares target W C H^-1 on H: each layer also corrects the
-error the layers before it left in its inputs.
+the float model gave it X_f. |W X_f - Q X|^2 = |(W C H^-1 - Q) X|^2 + const, with C = X_f^T X,
+so GPTQ rounds the least-squares target W C H^-1 on H: each layer also corrects the error the
+layers before it left in its inputs. (Measured on SmolLM2 w4-g128: see the closing notes.)
 """
 
 from __future__ import annotations
@@ -39,12 +39,14 @@ def _prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -
 
 
 def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """W C (H + damp)^-1: the weight that maps the inputs a layer sees closest (least squares, ridge-
-    damped like GPTQ's Hessian) to the float model's outputs W X_f. With X = X_f it is W (up to damping)."""
+    """W (C + l I)(H + l I)^-1: the weight whose outputs on the inputs a layer sees come closest
+    (least squares) to the float model's outputs W X_f, with a ridge pull towards W itself
+    (l = GPTQ's damping), so directions the data barely excites keep W. With X = X_f it is W."""
     H, W = _prepare_hessian(hessian, weight.detach(), damp)
     if cross.shape != H.shape:
         raise DataError(f"cross statistics {tuple(cross.shape)} do not match the Hessian {tuple(H.shape)}")
-    target = torch.linalg.solve(H, cross.to(torch.float64).T @ W.T).T
+    C = cross.to(torch.float64) + (H - hessian.to(torch.float64))  # the same ridge (and dead-input 1s) as H
+    target = torch.linalg.solve(H, C.T @ W.T).T
     return target.to(weight.dtype).reshape(weight.shape)
 
 
