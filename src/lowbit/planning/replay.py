@@ -1,5 +1,5 @@
 """Prefix replay for sensitivity runs: when only a layer of block b differs from the float model,
-blocks 0..b-1 compute the same thing on every evaluation batch, so their float output is
+blocks 0..b-1 compute the same thing on every evaluation batch, so their output is
 recorded once and replayed instead of recomputed. On a 30-block LM this removes about half of
 the block compute of a sensitivity table; the damages are those of full forward passes."""
 
@@ -37,7 +37,7 @@ class _Replayed(nn.Module):
 
 
 class BlockReplay:
-    """Records, per evaluation batch, the float output of blocks 0..b-1 (advanced block by block
+    """Records, per evaluation batch, the output of blocks 0..b-1 (advanced block by block
     as the sensitivity run moves down the model) and runs the model from block b on."""
 
     def __init__(self, model: nn.Module, batches: list[Any]) -> None:
@@ -60,8 +60,9 @@ class BlockReplay:
         return int(layer[len(prefix) :].split(".", 1)[0])
 
     def advance(self, boundary: int) -> None:
-        """Record the float outputs of the blocks before ``boundary`` (only forward: a boundary
-        below the current one restarts from block 0). The blocks must be float while this runs."""
+        """Record the outputs of the blocks before ``boundary`` (only forward: a boundary
+        below the current one restarts from block 0). The blocks must be as they stay while the
+        replay is used (float, or quantized with the operating point's scheme)."""
         if boundary < self.boundary:
             self.outputs, self.boundary = None, 0
         with _no_cache(self.model), torch.inference_mode():
