@@ -1,5 +1,6 @@
 """SmolLM2-135M WikiText-2 test perplexity: float vs RTN / GPTQ / AWQ / HQQ at w4-g128, w3-g128,
-w2-g64, and W8A8 static/dynamic with and without SmoothQuant. Prints one JSON object.
+w2-g64 (and the variants gptq-asym, awq+gptq with --methods), and W8A8 static/dynamic with and
+without SmoothQuant. Prints one JSON object.
 
 Calibration: 128 x 512 tokens of WikiText-2 valid (random windows, seed 0). Perplexity:
 the first --max-tokens tokens of WikiText-2 test, windows of 512, stride 512.
@@ -29,6 +30,9 @@ WEIGHT_FORMATS = {
     "w2-g64": {"format": "int2-asym", "granularity": "group:64"},
 }
 METHODS = ("rtn", "gptq", "awq", "hqq")
+# Variants: (algorithm, options). gptq-asym rounds the float-output target (GPTQ asymmetric);
+# awq+gptq rounds AWQ's scaled weight with GPTQ.
+VARIANTS = {"gptq-asym": ("gptq", {"asymmetric": True}), "awq+gptq": ("awq", {"gptq": True})}
 W8A8 = {
     "w8a8-dynamic": ("rtn", {"mode": "dynamic", "format": "int8"}),
     "w8a8-dynamic+smoothquant": ("smoothquant", {"mode": "dynamic", "format": "int8"}),
@@ -38,7 +42,10 @@ W8A8 = {
 
 
 def recipe(name: str, weight: dict, algorithm: str, activation: dict | None = None, alpha: str = "auto") -> Recipe:
+    algorithm, options = VARIANTS.get(algorithm, (algorithm, {}))
     rule = {"types": ["Linear"], "weight": {**weight, "scale_dtype": "float16"}, "algorithm": algorithm}
+    if options:
+        rule["options"] = options
     if activation is not None:
         rule["activation"] = activation
     if algorithm == "smoothquant":
@@ -52,7 +59,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--formats", nargs="*", default=list(WEIGHT_FORMATS))
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=[*METHODS, *VARIANTS])
     parser.add_argument("--w8a8", nargs="*", default=list(W8A8))
     parser.add_argument("--alpha", default="auto", help="SmoothQuant strength: 'auto' (searched per layer) or a number")
     parser.add_argument(
