@@ -188,7 +188,7 @@ def block_statistics(
         with torch.inference_mode():
             for index, call in calls.items():
                 if reference is not None and crossed:
-                    float_inputs = _layer_inputs(reference[0], prefix, crossed, reference[1][index])
+                    float_inputs = _layer_inputs(reference[0], prefix, crossed, reference[1][index], stop_early)
                     for name in crossed:
                         collectors[name].reference = float_inputs[name]
                 for collector in collectors.values():
@@ -204,18 +204,24 @@ def block_statistics(
     return finish_statistics(collectors, count), inputs, norm_outputs
 
 
-def _layer_inputs(block: nn.Module, prefix: str, names: list[str], call: Call) -> dict[str, list[torch.Tensor]]:
-    """The inputs of the named layers of ``block`` on one call, per layer in call order."""
+def _layer_inputs(
+    block: nn.Module, prefix: str, names: list[str], call: Call, stop_early: bool = False
+) -> dict[str, list[torch.Tensor]]:
+    """The inputs of the named layers of ``block`` on one call, per layer in call order
+    (``stop_early``: layers run once per forward, so the forward ends once all have run)."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     handles = []
     for name in names:
 
         def record(module, args, name=name):
             seen[name].append(args[0].detach())
+            if stop_early and all(seen.values()):
+                raise _StageDone
 
         handles.append(block.get_submodule(name[len(prefix) :]).register_forward_pre_hook(record))
     try:
-        run_block(block, call)
+        with contextlib.suppress(_StageDone):
+            run_block(block, call)
     finally:
         for handle in handles:
             handle.remove()
