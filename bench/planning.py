@@ -64,7 +64,7 @@ def smollm2(args) -> dict[str, Any]:
         seconds["around float"] = time.perf_counter() - start
         log(f"smollm2 sensitivity: {len(table['layers'])} layers x {len(table['candidates'])} candidates, "
             f"{seconds['around float']:.0f} s")  # fmt: skip
-    rows, comparisons = [], []
+    rows, comparisons, first_table = [], [], table
     for preset in args.presets:
         tables = {} if table is None else {"around float": table}
         if args.operating_point:
@@ -72,6 +72,7 @@ def smollm2(args) -> dict[str, Any]:
             tables[f"at uniform {preset}"] = sensitivity(loaded, args.lm_candidates, None, args.samples, base=preset)
             seconds[f"at uniform {preset}"] = time.perf_counter() - start
             log(f"smollm2 sensitivity at uniform {preset}: {seconds[f'at uniform {preset}']:.0f} s")
+        first_table = first_table or next(iter(tables.values()))
         recipe, uniform = _uniform(next(iter(tables.values())), preset)
         base = verify(source, recipe, "causal-lm", uniform.damage, args.max_tokens)
         rows.append(_row(f"uniform {preset}", base))
@@ -97,10 +98,10 @@ def smollm2(args) -> dict[str, Any]:
     sparse_rows = sparsity_rows(source, ("w4-g128", "w4-g128-2of4"), args.max_tokens, None, log)
     return {
         "model": source,
-        "metric": source_table["metric"],
+        "metric": first_table["metric"],
         "float_perplexity": float_ppl,
         "sensitivity_seconds": seconds,
-        "candidates": source_table["candidates"],
+        "candidates": first_table["candidates"],
         "rows": rows,
         "comparisons": comparisons,
         "sparsity": sparse_rows,
