@@ -12,7 +12,9 @@ Without torchrun's environment everything here is a no-op for a single process.
 
 from __future__ import annotations
 
+import atexit
 import os
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -30,6 +32,22 @@ def init() -> None:
     if _launched() and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    """At exit: wait for every rank, then close the group, so no rank's exit tears down a
+    connection another rank's communication thread still uses (that aborts it with SIGABRT)."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(minutes=5))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a rank already failed; torchrun reports that one
+    dist.destroy_process_group()
 
 
 def rank() -> int:
