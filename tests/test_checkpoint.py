@@ -12,6 +12,7 @@ from torch import nn
 import lowbit
 from lowbit.errors import CheckpointError
 from lowbit.models import Loaded
+from lowbit.presets import get_preset
 
 
 def tiny_llama():
@@ -70,10 +71,33 @@ def test_llama_round_trip_is_bit_identical(recipe, tmp_path):
     assert torch.equal(before, after)
     manifest = json.loads((tmp_path / "q" / "lowbit.json").read_text())
     assert manifest["format_version"] == 1 and manifest["recipe"]["name"] == recipe
-    assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    assert back.model.lm_head.weight is back.model.model.embed_tokens.weight or torch.equal(
-        back.model.lm_head.weight, back.model.model.embed_tokens.weight
+    head, embed = back.model.lm_head, back.model.model.embed_tokens
+    if get_preset(recipe).head is None:
+        assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        assert head.weight is embed.weight or torch.equal(head.weight, embed.weight)
+    else:  # the tied table quantized once (int8 per row), stored once, shared again after loading
+        assert manifest["tied"] == {
+            "lm_head.qdata": "model.embed_tokens.qdata",
+            "lm_head.scale": "model.embed_tokens.scale",
+        }
+        assert head.qdata is embed.qdata and head.scale is embed.scale
+        assert loaded.model.lm_head.qdata is loaded.model.model.embed_tokens.qdata
+
+
+def test_tied_layers_share_only_identical_quantized_weights():
+    """A tied head and embedding that come out different (the head by GPTQ, the table by
+    round-to-nearest) keep their own tensors; identical ones share a single copy."""
+    from lowbit.nn import same_weight
+
+    loaded = tiny_llama()
+    calib = [{"input_ids": torch.randint(0, 96, (2, 16))} for _ in range(4)]
+    recipe = lowbit.Recipe.from_dict(
+        {"base": "w4-g128", "rules": [{"match": "lm_head", "weight": "int8", "algorithm": "gptq"}]}
     )
+    lowbit.quantize(loaded, recipe, calib=calib)
+    head, embed = loaded.model.lm_head, loaded.model.model.embed_tokens
+    assert head.qdata is not embed.qdata and not same_weight(head, embed)
+    assert same_weight(embed, embed)
 
 
 def test_static_bert_round_trip_and_load_model_dispatch(tmp_path):

@@ -62,8 +62,9 @@ def test_quantize_then_eval_a_model_directory(tiny_bert_dir, tmp_path):
     result = run("quantize", str(tiny_bert_dir), "--recipe", "w8-weight", "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
-    assert info["recipe"] == "w8-weight" and info["layers"] == 12 and (out / "lowbit.json").exists()
+    assert info["recipe"] == "w8-weight" and info["layers"] == 16 and (out / "lowbit.json").exists()
     assert 8.4 < info["bits_per_weight"] < 9.0  # 8-bit codes + one fp32 scale per row of 32-64
+    # 16 layers: 12 linears, the pooler (the output head) and 3 embedding tables
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["source"]["model"] == str(tiny_bert_dir) and len(manifest["source"]["sha256"]) == 64
     ev = run("eval", str(out), "--task", "embedding", "--json")

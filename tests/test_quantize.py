@@ -21,11 +21,13 @@ def test_weight_only_int8_keeps_outputs_close():
     x = torch.randn(32, 16)
     ref = model(x)
     lowbit.quantize(model, "w8-weight")
-    assert isinstance(model[0], QLinear) and isinstance(model[2], QLinear)
-    assert isinstance(model[4], nn.Linear) and not isinstance(model[4], QLinear)  # the head stays float
+    assert isinstance(model[0], QLinear) and isinstance(model[2], QLinear) and isinstance(model[4], QLinear)
     rel = (model(x) - ref).norm() / ref.norm()
     assert rel < 0.01
-    assert set(model.lowbit.schemes) == {"0", "2"}
+    assert set(model.lowbit.schemes) == {"0", "2", "4"}  # the head too (the preset's int8 head scheme)
+    activations = mlp()
+    lowbit.quantize(activations, "int8-dynamic-rtn")
+    assert isinstance(activations[4], nn.Linear) and not isinstance(activations[4], QLinear)  # head stays float
 
 
 def test_static_calibration_records_input_ranges():

@@ -60,7 +60,7 @@ def test_json_and_yaml_round_trip(name, tmp_path):
 
 def test_resolution_first_match_wins_and_protects_head_and_embeddings():
     model = Tiny()
-    plan = get_preset("w4-g128").resolve(model)
+    plan = get_preset("w4a8").resolve(model)
     assert set(plan) == {"block.0", "block.2", "conv"}
     recipe = Recipe.from_dict(
         {
@@ -82,8 +82,27 @@ def test_resolution_first_match_wins_and_protects_head_and_embeddings():
 
 def test_base_preset_extension():
     recipe = Recipe.from_dict({"base": "w8-weight", "rules": [{"match": "block.0", "skip": True}]})
-    assert recipe.name == "w8-weight"
-    assert set(recipe.resolve(Tiny())) == {"block.2", "conv"}
+    assert recipe.name == "w8-weight" and recipe.head == get_preset("w8-weight").head
+    assert set(recipe.resolve(Tiny())) == {"block.2", "conv", "embed", "head"}
+    float_head = Recipe.from_dict({"base": "w4-g128", "head": None, "rules": []})
+    assert float_head.head is None and set(float_head.resolve(Tiny())) == {"block.0", "block.2", "conv"}
+
+
+def test_head_scheme_covers_output_head_and_embeddings_unless_a_rule_names_them():
+    model = Tiny()
+    recipe = get_preset("w4-g128")
+    plan = recipe.resolve(model)
+    assert set(plan) == {"embed", "block.0", "block.2", "conv", "head"}
+    assert plan["embed"] is recipe.head and plan["head"] is recipe.head
+    assert plan["embed"].weight.format.name == "int8" and plan["embed"].weight.granularity.name == "channel"
+    assert plan["block.0"].weight.format.name == "int4-asym"
+    named = Recipe.from_dict({"base": "w4-g128", "rules": [{"match": "head", "skip": True}]})
+    assert set(named.resolve(model)) == {"embed", "block.0", "block.2", "conv"}  # the exact rule wins
+    assert get_preset("int8-dynamic").head is None  # activation presets keep them float
+    again = Recipe.from_dict(json.loads(recipe.to_json()))
+    assert again.head == recipe.head
+    with pytest.raises(SpecError, match="head: the output head and embeddings take a weight-only"):
+        Recipe.from_dict({"rules": [{"weight": "int8"}], "head": {"weight": "int8", "activation": "dynamic"}})
 
 
 @pytest.mark.parametrize(
@@ -138,5 +157,7 @@ def test_output_head_of_hf_model_is_protected():
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    plan = get_preset("w8-weight").resolve(LlamaForCausalLM(cfg))
+    plan = get_preset("int8-dynamic").resolve(LlamaForCausalLM(cfg))
     assert "lm_head" not in plan and len(plan) == 7
+    plan = get_preset("w8-weight").resolve(LlamaForCausalLM(cfg))
+    assert plan["lm_head"] is plan["model.embed_tokens"] and len(plan) == 9

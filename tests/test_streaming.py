@@ -139,7 +139,7 @@ def test_cli_stream(sources, tmp_path):
     done = subprocess.run([*cmd, "--out", str(out), "--stream", "--json"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["layers"] == 21 and result["out"] == str(out)
+    assert result["layers"] == 23 and result["out"] == str(out)  # 21 linears + int8 embeddings and head
     assert lowbit.load(out).model.lowbit.recipe.name == "w4-g128"
     bad = subprocess.run(
         [*cmd[:-1], "w4-g128-gptq", "--out", str(tmp_path / "bad"), "--stream"], capture_output=True, text=True, env=env

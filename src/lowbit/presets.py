@@ -13,6 +13,10 @@ from .spec import QuantSpec
 
 DYNAMIC_INT8 = ActivationSpec("dynamic", Int(8))
 STATIC_UINT8 = ActivationSpec("static", Int(8, symmetric=False))
+# The output head and embedding tables of the weight-only presets: int8 per row (per output
+# channel of the head). A tied LM head is read in full for every decoded token; in float it is
+# often the largest single read of a 4-bit model (SmolLM2: 113 MB of 169 MB).
+INT8_HEAD = LayerScheme(QuantSpec(Int(8), PerChannel(), scale_dtype="float32"))
 
 
 def _weights(
@@ -146,6 +150,18 @@ _TABLE: dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]] = {
 }
 
 
+# Weight-only presets of 8 bits or fewer per weight: their head and embeddings are stored in int8.
+_INT8_HEAD = frozenset(
+    [
+        "w8-weight",
+        *(f"{base}{alg}" for base in ("w4-g128", "w3-g128", "w2-g64") for alg in ("", "-gptq", "-awq", "-hqq")),
+        "w4-g128-2of4",
+        "w4-g128-2of4-sparsegpt",
+        "nf4-g64",
+    ]
+)
+
+
 def _all() -> dict[str, tuple[str, Callable[[], tuple[Rule, ...]]]]:
     return _TABLE
 
@@ -167,4 +183,5 @@ def get_preset(name: str) -> Recipe:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise SpecError(f"recipe {name!r} is not a preset or a recipe file{hint} (see `lowbit recipes`)")
     desc, rules = table[name]
-    return Recipe(name=name, rules=rules(), description=desc)
+    head = INT8_HEAD if name in _INT8_HEAD else None
+    return Recipe(name=name, rules=rules(), description=desc, head=head)

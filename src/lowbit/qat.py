@@ -81,6 +81,8 @@ def prepare_qat(
         raise SpecError("the model is already quantized or prepared; start from the float model")
     folded = fold_batchnorm(module, example) if example is not None else []
     plan = recipe.resolve(module)
+    if recipe.head is not None:  # QAT trains Linear/Conv2d layers; the recipe's embedding tables stay float
+        plan = {n: s for n, s in plan.items() if not isinstance(module.get_submodule(n), nn.Embedding)}
     if not plan:
         raise SpecError(f"recipe {recipe.name!r} matches no Linear/Conv2d layer of this model")
     for name, scheme in plan.items():

@@ -23,7 +23,7 @@ from .algorithms.awq import search_scales
 from .calibration import collect_statistics
 from .errors import DataError, SpecError
 from .models import Loaded
-from .nn import QModule, set_submodule, to_quantized
+from .nn import WEIGHT_BUFFERS, QModule, same_weight, set_submodule, to_quantized
 from .primitives import check_finite, qparams_from_range
 from .ranges import MinMax, MovingMinMax
 from .recipe import LayerScheme, Recipe, resolve_recipe
@@ -219,6 +219,7 @@ def quantize(
     if isinstance(model, Loaded):
         record.source = {"model": model.source, "sha256": model.sha256}
         record.kind, record.architecture = model.kind, dict(model.meta)
+    tied = tied_layers(module, plan)
     quantizer = _Quantizer(module, plan, record)
     needs = {name: stats_needed(quantizer.algorithms[name], scheme) for name, scheme in plan.items()}
     if not any(needs.values()):
@@ -226,6 +227,7 @@ def quantize(
             if progress is not None:
                 progress(name, index, len(plan))
             quantizer.layer(name, None)
+        share_tied(module, tied)
         module.lowbit = record
         return module
     if calib is None and isinstance(model, Loaded):
@@ -265,5 +267,26 @@ def quantize(
     stats = collect_statistics(module, plan, batches, {n: needs[n] for n in rest}) if rest else {}
     for name in rest:
         quantizer.layer(name, stats.get(name))
+    share_tied(module, tied)
     module.lowbit = record
     return module
+
+
+def tied_layers(module: nn.Module, plan: dict[str, LayerScheme]) -> list[list[str]]:
+    """Groups of planned layers that share one weight tensor (a tied embedding and LM head)."""
+    groups: dict[int, list[str]] = {}
+    for name in plan:
+        groups.setdefault(id(module.get_submodule(name).weight), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def share_tied(module: nn.Module, groups: list[list[str]]) -> None:
+    """Layers that shared a float weight and came out with the same codes and scales share them
+    again (stored once, read from one copy); others keep their own."""
+    for names in groups:
+        first = module.get_submodule(names[0])
+        for name in names[1:]:
+            other = module.get_submodule(name)
+            if isinstance(first, QModule) and isinstance(other, QModule) and same_weight(first, other):
+                for key in WEIGHT_BUFFERS:
+                    setattr(other, key, getattr(first, key))

@@ -22,7 +22,7 @@ from torch import nn
 from .errors import CheckpointError, ModelError, SpecError
 from .io import atomic_dir, check_replaceable, write_json
 from .models import _AUTO_CLASS, _check_weight_dtypes, _hf_class, _quiet_transformers, sha256_of
-from .nn import set_submodule
+from .nn import WEIGHT_BUFFERS, QModule, same_weight, set_submodule
 from .primitives import check_finite
 from .quantize import QuantizationRecord, _Quantizer
 from .recipe import Recipe, resolve_recipe
@@ -257,6 +257,8 @@ def quantize_streaming(
         return source.read(key)
 
     layers: dict[str, Any] = {}
+    tied: dict[str, str] = {}
+    shared: dict[tuple[str, ...], tuple[str, QModule]] = {}  # tied float weight -> its first quantized user
     with atomic_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, shard_bytes)
         for index, name in enumerate(plan):
@@ -270,12 +272,22 @@ def quantize_streaming(
             set_submodule(model, name, layer)
             quantizer.layer(name, None)
             qlayer = model.get_submodule(name)
-            writer.add(qlayer.state_dict(prefix=f"{name}."))
+            tensors = qlayer.state_dict(prefix=f"{name}.")
+            group = tuple(aliases.get(f"{name}.weight", ()))
+            if len(group) > 1 and group in shared and same_weight(shared[group][1], qlayer):
+                owner = shared[group][0]  # a tied head quantized like its table: stored once (as in memory)
+                for key in WEIGHT_BUFFERS:
+                    if f"{name}.{key}" in tensors:
+                        tied[f"{name}.{key}"] = f"{owner}.{key}"
+                        del tensors[f"{name}.{key}"]
+            elif len(group) > 1:
+                shared.setdefault(group, (name, qlayer))
+            writer.add(tensors)
             layers[name] = layer_entry(qlayer, plan[name])
             set_submodule(model, name, meta_layer)  # drop the quantized copy: it is on disk now
             del layer, qlayer, state
+        shared.clear()
         quantized = {f"{name}." for name in plan}
-        tied: dict[str, str] = {}
         for name in model.state_dict():
             if any(name.startswith(prefix) for prefix in quantized):
                 continue

@@ -125,10 +125,13 @@ def test_graphs_hold_the_integer_codes(checkpoints, tmp_path):
     for recipe in ("w8-weight", "w4-g128", "int8-dynamic-rtn", "w8a8-static"):
         info = export(checkpoints[recipe], tmp_path / f"{recipe}.onnx", check=False)
         layers[recipe] = (info["layers"], _ops(tmp_path / f"{recipe}.onnx"))
+    # the weight-only presets also hold the 3 embedding tables (written as float) and the pooler
+    # (the output head: int8 per channel)
     weights, ops = layers["w8-weight"]
-    assert weights == {"int8-qdq": 12} and ops.count("DequantizeLinear") == 12
+    assert weights == {"int8-qdq": 13, "float": 3}
+    assert ops.count("DequantizeLinear") == 12  # the pooler does not feed last_hidden_state: pruned
     weights, ops = layers["w4-g128"]
-    assert weights == {"matmulnbits-4": 12} and ops.count("MatMulNBits") == 12
+    assert weights == {"matmulnbits-4": 12, "int8-qdq": 1, "float": 3} and ops.count("MatMulNBits") == 12
     weights, ops = layers["int8-dynamic-rtn"]
     assert weights == {"int8-matmulinteger": 12} and ops.count("MatMulInteger") == 12
     weights, ops = layers["w8a8-static"]
@@ -157,8 +160,10 @@ def test_w4_codes_and_scales_are_copied_exactly(checkpoints):
 
 def test_formats_without_a_grid_are_listed(checkpoints, tmp_path):
     info = export(checkpoints["nf4-g64"], tmp_path / "nf4.onnx", check=False)
-    assert info["layers"] == {"float": 12} and len(info["dequantized"]) == 12
-    assert "nf4 has no ONNX integer grid" in info["dequantized"][0]["why"]
+    assert info["layers"] == {"float": 15, "int8-qdq": 1} and len(info["dequantized"]) == 15
+    whys = [d["why"] for d in info["dequantized"]]
+    assert sum("nf4 has no ONNX integer grid" in why for why in whys) == 12
+    assert sum("embedding tables are written as float" in why for why in whys) == 3
 
 
 def test_fp8_activations_are_listed_as_approximated(tmp_path):
@@ -190,7 +195,8 @@ def test_causal_lm_exports_logits(tmp_path, monkeypatch):
     lowbit.quantize(loaded, "w4-g128")
     ckpt = lowbit.save(loaded, tmp_path / "llama")
     info = export(ckpt, tmp_path / "llama.onnx")
-    assert info["outputs"] == ["logits"] and info["layers"] == {"matmulnbits-4": 14}
+    assert info["outputs"] == ["logits"]
+    assert info["layers"] == {"matmulnbits-4": 14, "int8-qdq": 1, "float": 1}  # int8 head, float table
     ids = torch.randint(0, 96, (3, 13))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
@@ -212,8 +218,8 @@ class TinyCNN(nn.Module):
         return self.head(x.flatten(1))
 
 
-@pytest.mark.parametrize("recipe, tol", [("w8-weight", 1e-5), ("w8a8-static", 2e-2)])
-def test_cnn_conv_weights_are_int8_per_channel(tmp_path, monkeypatch, recipe, tol):
+@pytest.mark.parametrize("recipe, tol, layers", [("w8-weight", 1e-5, 3), ("w8a8-static", 2e-2, 2)])
+def test_cnn_conv_weights_are_int8_per_channel(tmp_path, monkeypatch, recipe, tol, layers):
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
     torch.manual_seed(0)
     model = TinyCNN().eval()
@@ -221,9 +227,13 @@ def test_cnn_conv_weights_are_int8_per_channel(tmp_path, monkeypatch, recipe, to
     ckpt = lowbit.save(model, tmp_path / "cnn")
     x = torch.randn(5, 1, 8, 8)
     info = export(ckpt, tmp_path / "cnn.onnx", module=TinyCNN(), example=torch.randn(2, 1, 8, 8))
-    assert info["inputs"] == ["pixel_values"] and info["layers"] == {"int8-qdq": 2}
+    assert info["inputs"] == ["pixel_values"] and info["layers"] == {"int8-qdq": layers}  # w8-weight: head too
     graph = onnx.load(str(tmp_path / "cnn.onnx")).graph
-    dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and any(a.name == "axis" for a in n.attribute)]
+    dq = [
+        n
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and "conv" in n.name and any(a.name == "axis" for a in n.attribute)
+    ]
     assert dq and all(a.i == 0 for n in dq for a in n.attribute if a.name == "axis")
     with torch.no_grad():
         ours = model(x)
@@ -284,7 +294,11 @@ def test_cli_export_onnx(checkpoints, tmp_path, capsys):
         main(["export", str(checkpoints["w4-g128"]), "--format", "onnx", "--out", str(out), "--json"])
     assert exc.value.code == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["format"] == "onnx" and data["layers"] == {"matmulnbits-4": 12} and out.is_file()
+    assert (
+        data["format"] == "onnx"
+        and data["layers"] == {"matmulnbits-4": 12, "int8-qdq": 1, "float": 3}
+        and out.is_file()
+    )
     with pytest.raises(SystemExit) as exc:
         main(["export", str(tmp_path / "nope"), "--format", "onnx", "--out", str(tmp_path / "y.onnx")])
     assert exc.value.code == 2 and "checkpoint" in capsys.readouterr().err

@@ -255,6 +255,16 @@ def restore_layer(
     return scheme
 
 
+def _share_tied_buffers(model: nn.Module, tied: dict[str, str]) -> None:
+    """Quantized layers saved with one shared weight (a tied embedding and head) share it again
+    after loading, instead of holding two equal copies."""
+    buffers = dict(model.named_buffers())
+    for alias, owner in tied.items():
+        if alias in buffers and owner in buffers and buffers[alias].shape == buffers[owner].shape:
+            holder, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(holder), attr, buffers[owner])
+
+
 def _build(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor], module: nn.Module | None) -> Loaded:
     """The model a checked manifest and its tensors describe (see load)."""
     for key in ("architecture", "tied", "source"):
@@ -265,16 +275,18 @@ def _build(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor], mo
     layers = manifest.get("layers")
     if not isinstance(layers, dict):
         raise CheckpointError(f"{directory / MANIFEST}: 'layers' must be a mapping")
-    for name, entry in layers.items():
-        record.schemes[name] = restore_layer(model, name, entry, tensors, directory)
-    for alias, owner in manifest.get("tied", {}).items():
+    tied = manifest.get("tied", {})
+    for alias, owner in tied.items():
         if owner not in tensors:
             raise CheckpointError(f"{directory}: tied tensor {alias!r} points to missing {owner!r}")
         tensors[alias] = tensors[owner]
+    for name, entry in layers.items():
+        record.schemes[name] = restore_layer(model, name, entry, tensors, directory)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{directory}: tensors disagree with the model ({str(exc)[:400]})") from exc
+    _share_tied_buffers(model, tied)
     model.eval()
     kind = manifest.get("kind", "encoder")
     arch = manifest.get("architecture", {})

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import UnsupportedError
 from ..formats import Float
-from ..nn import QModule
+from ..nn import QModule, same_weight
 from . import ggml_blocks
 from .ggml_blocks import Grid
 
@@ -142,6 +142,9 @@ def _is_tied(model: nn.Module) -> bool:
     """Whether lm_head equals the embedding table (then GGUF stores it once; a checkpoint holds
     tied tensors once but loads them as two equal ones)."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(head, QModule) and isinstance(embed, QModule):
+        plain = head.input_smooth is None and head.outlier_index is None
+        return plain and same_weight(head, embed)  # one table quantized once (the weight-only presets)
     if isinstance(head, QModule) or isinstance(embed, QModule):
         return False
     return head.weight.shape == embed.weight.shape and torch.equal(head.weight, embed.weight)

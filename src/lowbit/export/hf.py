@@ -21,7 +21,8 @@ from ..errors import CheckpointError, UnsupportedError
 from ..formats import Float
 from ..io import atomic_dir, write_safetensors
 from ..models import Loaded
-from ..nn import QLinear, QModule
+from ..nn import QEmbedding, QLinear, QModule
+from ..recipe import output_head_name
 from . import ct_codec
 from .checkpoint import MANIFEST, WEIGHTS, _unique_state, weight_files
 from .checkpoint import load as load_checkpoint
@@ -34,10 +35,15 @@ def _quantized_layers(model: torch.nn.Module) -> dict[str, QModule]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QModule)}
 
 
-def _plan(layers: dict[str, QModule]) -> tuple[dict[str, ct_codec.LayerLayout], list[str]]:
-    """Layout per exported layer, and the layers kept dense (fp16/bf16 "quantization")."""
+def _plan(layers: dict[str, QModule], head: str | None) -> tuple[dict[str, ct_codec.LayerLayout], list[str]]:
+    """Layout per exported layer, and the layers written dense: fp16/bf16 "quantization", and
+    the output head and embeddings (the int8 ones of the weight-only presets), which loaders of
+    compressed-tensors checkpoints expect in float and tie by name."""
     plan, dense = {}, []
     for name, layer in layers.items():
+        if isinstance(layer, QEmbedding) or name == head:
+            dense.append(name)  # the embedding tables and the output head are written as float values
+            continue
         if not isinstance(layer, QLinear):
             raise UnsupportedError(
                 f"{name}: quantized {type(layer).__name__} layers are not exported to compressed-tensors (Linear "
@@ -94,8 +100,11 @@ def _tensors(model: torch.nn.Module, layers: dict[str, QModule], plan, dense) ->
     state, _ = _unique_state(model)
     prefixes = tuple(f"{name}." for name in layers)
     out = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    tables = [layer for layer in layers.values() if isinstance(layer, QEmbedding)]
     for name in dense:
         layer = layers[name]
+        if not isinstance(layer, QEmbedding) and any(layer.qdata is t.qdata for t in tables):
+            continue  # a head tied to an embedding table: transformers ties it again on loading
         out[f"{name}.weight"] = layer.qweight.dequantize()
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.detach()
@@ -120,7 +129,7 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
             "--format onnx instead"
         )
     layers = _quantized_layers(loaded.model)
-    plan, dense = _plan(layers)
+    plan, dense = _plan(layers, output_head_name(loaded.model))
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = quantization_config(loaded.model, plan)
     if not config.get("architectures"):  # e.g. a model converted from GGUF: name the class for Auto* loaders

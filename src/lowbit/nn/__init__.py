@@ -7,7 +7,7 @@ from torch import nn
 from ..errors import UnsupportedError
 from ..recipe import ActivationSpec
 from ..tensor import QTensor
-from .base import QModule
+from .base import WEIGHT_BUFFERS, QModule, same_weight
 from .conv import QConv2d
 from .embedding import QEmbedding
 from .linear import QLinear
@@ -44,4 +44,14 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-__all__ = ["QConv2d", "QEmbedding", "QLinear", "QModule", "get_submodule", "set_submodule", "to_quantized"]
+__all__ = [
+    "WEIGHT_BUFFERS",
+    "QConv2d",
+    "QEmbedding",
+    "QLinear",
+    "QModule",
+    "get_submodule",
+    "same_weight",
+    "set_submodule",
+    "to_quantized",
+]

@@ -19,6 +19,9 @@ def layout_of(qt: QTensor) -> str:
     return base if qt.sparsity is None else f"{base}+{qt.sparsity}"
 
 
+WEIGHT_BUFFERS = ("qdata", "scale", "zero_point", "codebook", "mask")
+
+
 class QModule(nn.Module):
     """Base of QLinear, QConv2d and QEmbedding. The weight lives in the buffers ``qdata``,
     ``scale``, ``zero_point`` and ``codebook`` (so ``state_dict`` and ``.to()`` just work);
@@ -92,3 +95,20 @@ class QModule(nn.Module):
         if act != "none":
             act = f"{act} {self.activation.format.name}/{self.activation.resolved_granularity.name}"
         return f"weight={self.qweight!r}, activations={act}"
+
+
+def same_weight(a: QModule, b: QModule) -> bool:
+    """Whether two quantized layers hold the same weight (format, layout and every tensor)."""
+    if (a.weight_format, a.weight_granularity, a.weight_shape, a.weight_dtype, a.weight_sparsity) != (
+        b.weight_format,
+        b.weight_granularity,
+        b.weight_shape,
+        b.weight_dtype,
+        b.weight_sparsity,
+    ):
+        return False
+    for key in WEIGHT_BUFFERS:
+        x, y = getattr(a, key), getattr(b, key)
+        if (x is None) != (y is None) or (x is not None and (x.dtype != y.dtype or not torch.equal(x, y))):
+            return False
+    return True
