@@ -125,13 +125,15 @@ def test_graphs_hold_the_integer_codes(checkpoints, tmp_path):
     for recipe in ("w8-weight", "w4-g128", "int8-dynamic-rtn", "w8a8-static"):
         info = export(checkpoints[recipe], tmp_path / f"{recipe}.onnx", check=False)
         layers[recipe] = (info["layers"], _ops(tmp_path / f"{recipe}.onnx"))
-    # the weight-only presets also hold the 3 embedding tables (written as float) and the pooler
-    # (the output head: int8 per channel)
+    # the weight-only presets also hold the 3 embedding tables (int8 rows, gathered then scaled) and
+    # the pooler (the output head: int8 per channel)
     weights, ops = layers["w8-weight"]
-    assert weights == {"int8-qdq": 13, "float": 3}
+    assert weights == {"int8-qdq": 13, "int8-gather": 3}
     assert ops.count("DequantizeLinear") == 12  # the pooler does not feed last_hidden_state: pruned
     weights, ops = layers["w4-g128"]
-    assert weights == {"matmulnbits-4": 12, "int8-qdq": 1, "float": 3} and ops.count("MatMulNBits") == 12
+    assert weights == {"matmulnbits-4": 12, "int8-qdq": 1, "int8-gather": 3} and ops.count("MatMulNBits") == 12
+    table = next(i for i in onnx.load(str(tmp_path / "w4-g128.onnx")).graph.initializer if list(i.dims) == [100, 64])
+    assert table.data_type == onnx.TensorProto.INT8  # the word embeddings: one byte per weight
     weights, ops = layers["int8-dynamic-rtn"]
     assert weights == {"int8-matmulinteger": 12} and ops.count("MatMulInteger") == 12
     weights, ops = layers["w8a8-static"]
@@ -160,10 +162,8 @@ def test_w4_codes_and_scales_are_copied_exactly(checkpoints):
 
 def test_formats_without_a_grid_are_listed(checkpoints, tmp_path):
     info = export(checkpoints["nf4-g64"], tmp_path / "nf4.onnx", check=False)
-    assert info["layers"] == {"float": 15, "int8-qdq": 1} and len(info["dequantized"]) == 15
-    whys = [d["why"] for d in info["dequantized"]]
-    assert sum("nf4 has no ONNX integer grid" in why for why in whys) == 12
-    assert sum("embedding tables are written as float" in why for why in whys) == 3
+    assert info["layers"] == {"float": 12, "int8-qdq": 1, "int8-gather": 3} and len(info["dequantized"]) == 12
+    assert "nf4 has no ONNX integer grid" in info["dequantized"][0]["why"]
 
 
 def test_fp8_activations_are_listed_as_approximated(tmp_path):
@@ -196,7 +196,7 @@ def test_causal_lm_exports_logits(tmp_path, monkeypatch):
     ckpt = lowbit.save(loaded, tmp_path / "llama")
     info = export(ckpt, tmp_path / "llama.onnx")
     assert info["outputs"] == ["logits"]
-    assert info["layers"] == {"matmulnbits-4": 14, "int8-qdq": 1, "float": 1}  # int8 head, float table
+    assert info["layers"] == {"matmulnbits-4": 14, "int8-qdq": 1, "int8-gather": 1}  # int8 head and table
     ids = torch.randint(0, 96, (3, 13))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
@@ -296,7 +296,7 @@ def test_cli_export_onnx(checkpoints, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert (
         data["format"] == "onnx"
-        and data["layers"] == {"matmulnbits-4": 12, "int8-qdq": 1, "float": 3}
+        and data["layers"] == {"matmulnbits-4": 12, "int8-qdq": 1, "int8-gather": 3}
         and out.is_file()
     )
     with pytest.raises(SystemExit) as exc:

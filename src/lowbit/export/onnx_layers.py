@@ -24,7 +24,7 @@ class LayerNote:
     """How one quantized layer went into the graph."""
 
     name: str
-    weight: str  # "int8-qdq" | "matmulnbits-<bits>" | "float"
+    weight: str  # "int8-qdq" | "int8-matmulinteger" | "matmulnbits-<bits>" | "int8-gather" | "float"
     activation: str = "none"  # "none" | "dynamic-token" | "dynamic-tensor" | "dynamic-ort" | "static"
     why: str = ""  # for "float": why the weight was dequantized
     approximated: str = ""  # what the graph computes differently from lowbit, if anything
@@ -277,6 +277,25 @@ class OnnxConv2d(_Exported):
         return F.conv2d(x, self.weight.to(x.dtype), bias, stride, padding, dilation, groups)
 
 
+class OnnxEmbedding(nn.Module):
+    """An int8 table with per-row (or one) scale: Gather the codes of the ids, then dequantize
+    only those rows (Cast, Sub zero, Mul scale), so the graph stores one byte per weight."""
+
+    def __init__(self, qt: QTensor) -> None:
+        super().__init__()
+        codes, scale, zero = qdq_weight(qt)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.reshape(-1, 1) if scale.dim() else scale)
+        self.register_buffer("zero", zero.reshape(-1, 1) if zero.dim() else zero)
+        self.per_row = scale.dim() > 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.codes[ids].float()
+        if not self.per_row:
+            return (rows - self.zero.float()) * self.scale
+        return (rows - self.zero[ids].float()) * self.scale[ids]
+
+
 def exportable(module: QModule, name: str, dynamic: str = "token") -> tuple[nn.Module, LayerNote]:
     """The ONNX-exportable replacement of a quantized layer and how it is written."""
     if isinstance(module, QLinear):
@@ -286,7 +305,12 @@ def exportable(module: QModule, name: str, dynamic: str = "token") -> tuple[nn.M
         new = OnnxConv2d(module, name)
         return new, new.note
     if isinstance(module, QEmbedding):
-        table = module.qweight.dequantize(torch.float32)
+        qt = module.qweight
+        route, why = weight_route(qt, conv=False)
+        if route == "qdq":
+            new = OnnxEmbedding(qt)
+            return new, LayerNote(name, "int8-gather")
+        table = qt.dequantize(torch.float32)
         new = nn.Embedding.from_pretrained(table, freeze=True, padding_idx=module.padding_idx)
-        return new, LayerNote(name, "float", "none", "embedding tables are written as float (Gather)")
+        return new, LayerNote(name, "float", "none", f"embedding table written as float (Gather): {why}")
     raise UnsupportedError(f"{name}: {type(module).__name__} layers are not exported to ONNX")
