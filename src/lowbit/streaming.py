@@ -235,7 +235,7 @@ def quantize_streaming(
     """Quantize the HF causal LM in ``source_dir`` layer by layer into the lowbit checkpoint
     ``out_dir`` (shards of at most ``shard_bytes``, bigger tensors alone), never holding the
     whole model; the tensors equal those of load_model + quantize + save."""
-    from .export.checkpoint import FORMAT, FORMAT_VERSION, MANIFEST, _tokenizer, _versions, layer_entry
+    from .export.checkpoint import FORMAT, MANIFEST, _tokenizer, _versions, layer_entry, manifest_version
 
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     if not (source_dir / "config.json").is_file():
@@ -303,7 +303,7 @@ def quantize_streaming(
             tokenizer.save_pretrained(tmp)
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": manifest_version(tied, layers),
             "kind": "causal-lm",
             "source": {"model": str(source_dir), "sha256": sha256_of(source.paths)},
             "architecture": {"type": "hf", "auto_class": _AUTO_CLASS["causal-lm"], "kind": "causal-lm"},

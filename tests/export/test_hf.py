@@ -308,3 +308,41 @@ def test_smollm2_w4_export_matches_in_transformers(tmp_path, monkeypatch):
     cosine = float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).min())
     print(f"smollm2-135m w4-g64 export: max |logit diff| {diff:.3e}, min cosine {cosine:.8f}")
     assert diff < 1e-3 and cosine > 0.9999
+
+
+def test_tied_table_and_head_export_dense_and_untie_when_they_differ(tiny_llama_dir, tmp_path, monkeypatch):
+    """The weight-only presets' int8 embedding table and head are written as float values; a tied
+    head quantized apart from its table is written on its own and the config unties it, so
+    transformers computes lowbit's logits either way."""
+    import shutil
+
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    source = tmp_path / "tied"
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(source)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama_dir / name).exists():
+            shutil.copy(tiny_llama_dir / name, source / name)
+    ids = torch.randint(0, 64, (2, 16))
+    apart = {
+        "base": "w4-g128",
+        "rules": [{"match": "lm_head", "weight": {"format": "int8-asym", "granularity": "channel"}}],
+    }
+    for key, recipe in (("shared", "w4-g128"), ("apart", lowbit.Recipe.from_dict(apart))):
+        loaded = lowbit.load_model(str(source))
+        lowbit.quantize(loaded, recipe)
+        head, table = loaded.model.lm_head, loaded.model.model.embed_tokens
+        assert (head.qdata is table.qdata) == (key == "shared")
+        ckpt = lowbit.save(loaded, tmp_path / f"ck-{key}")
+        out = tmp_path / f"hf-{key}"
+        export(ckpt, out)
+        written = json.loads((out / "config.json").read_text())
+        assert written["tie_word_embeddings"] == (key == "shared")
+        with torch.no_grad():
+            ours = lowbit.load(ckpt).model(ids).logits
+        theirs = _hf_logits(out, ids, dequantize=True)
+        assert (ours - theirs).abs().max() < 1e-5 * max(1.0, float(ours.abs().max())), key

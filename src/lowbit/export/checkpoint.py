@@ -22,7 +22,7 @@ from ..recipe import LayerScheme, Recipe, malformed
 from ..tensor import QTensor
 
 FORMAT = "lowbit-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized layers may share tensors (a tied int8 table); 1 otherwise
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: tensor name -> shard file
 MANIFEST = "lowbit.json"
@@ -62,6 +62,13 @@ def _unique_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, tied
 
 
+def manifest_version(tied: dict[str, str], layers: dict[str, Any]) -> int:
+    """2 when a quantized layer's tensor is stored under another layer's name (lowbit before
+    version 2 cannot read that and says to upgrade), else 1 (readable by every version)."""
+    prefixes = tuple(f"{name}." for name in layers)
+    return 2 if any(alias.startswith(prefixes) for alias in tied) else 1
+
+
 def layer_entry(layer: QModule, scheme: LayerScheme) -> dict[str, Any]:
     """What lowbit.json records of one quantized layer (enough to rebuild it from its tensors)."""
     return {
@@ -96,7 +103,7 @@ def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None
     arch = _architecture(module, loaded.meta if loaded is not None and loaded.meta else record.architecture)
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": manifest_version(tied, layers),
         "kind": loaded.kind if loaded is not None else record.kind,
         "source": record.source,
         "architecture": arch,

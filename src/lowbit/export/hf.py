@@ -135,6 +135,9 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
     if not config.get("architectures"):  # e.g. a model converted from GGUF: name the class for Auto* loaders
         config["architectures"] = [type(loaded.model).__name__]
     tensors = _tensors(loaded.model, layers, plan, dense)
+    head = output_head_name(loaded.model)
+    if config.get("tie_word_embeddings") and head is not None and f"{head}.weight" in tensors:
+        config["tie_word_embeddings"] = False  # the head came out different from the table: keep its own
     with atomic_dir(out) as tmp:
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
