@@ -3,8 +3,8 @@
 A rule matches a module by name glob and/or type; the first matching rule wins and
 unmatched layers stay float. The output head and the embeddings are left float unless the
 recipe says ``include_head`` / ``include_embeddings`` or a rule names them exactly, or the recipe
-gives them a scheme of their own (``head``: weight-only presets store them in int8, which at batch 1
-makes a tied vocabulary head, read in full for every token, cost a quarter of its float time).
+gives them a scheme of their own (``head``: weight-only presets store them in int8, so a vocabulary
+head, read in full for every token at batch 1, reads a quarter of the float bytes).
 """
 
 from __future__ import annotations
