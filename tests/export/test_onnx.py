@@ -330,3 +330,12 @@ def test_minilm_sentence_embeddings_match(tmp_path, monkeypatch, recipe, floor):
         return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
 
     assert (embed(ours) * embed(theirs)).sum(-1).min().item() >= floor
+
+
+def test_grouped_embedding_tables_are_written_as_float_with_the_reason(tmp_path):
+    loaded = tiny_bert()
+    head = {"weight": {"format": "int4-asym", "granularity": "group:32"}}
+    lowbit.quantize(loaded, lowbit.Recipe.from_dict({"base": "w4-g128", "head": head}))
+    info = export(lowbit.save(loaded, tmp_path / "g"), tmp_path / "g.onnx")
+    tables = [d for d in info["dequantized"] if d["layer"].startswith("embeddings.")]
+    assert len(tables) == 3 and all("group:32 scales have no int8 Gather form" in d["why"] for d in tables)

@@ -310,6 +310,7 @@ def exportable(module: QModule, name: str, dynamic: str = "token") -> tuple[nn.M
         if route == "qdq":
             new = OnnxEmbedding(qt)
             return new, LayerNote(name, "int8-gather")
+        why = why or f"{qt.granularity.name} scales have no int8 Gather form here"
         table = qt.dequantize(torch.float32)
         new = nn.Embedding.from_pretrained(table, freeze=True, padding_idx=module.padding_idx)
         return new, LayerNote(name, "float", "none", f"embedding table written as float (Gather): {why}")
