@@ -129,13 +129,13 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
             "--format onnx instead"
         )
     layers = _quantized_layers(loaded.model)
-    plan, dense = _plan(layers, output_head_name(loaded.model))
+    head = output_head_name(loaded.model)
+    plan, dense = _plan(layers, head)
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = quantization_config(loaded.model, plan)
     if not config.get("architectures"):  # e.g. a model converted from GGUF: name the class for Auto* loaders
         config["architectures"] = [type(loaded.model).__name__]
     tensors = _tensors(loaded.model, layers, plan, dense)
-    head = output_head_name(loaded.model)
     if config.get("tie_word_embeddings") and head is not None and f"{head}.weight" in tensors:
         config["tie_word_embeddings"] = False  # the head came out different from the table: keep its own
     with atomic_dir(out) as tmp:
