@@ -56,11 +56,14 @@ def smollm2(args) -> dict[str, Any]:
     loaded = lowbit.load_model(source)
     if not (args.float_table or args.operating_point):
         raise SystemExit("planning.py: --no-float-table needs --operating-point")
+    if args.method == "fisher" and args.operating_point:
+        raise SystemExit("planning.py: --method fisher estimates around the float model; add --no-operating-point")
+    candidates = args.lm_candidates or (None if args.method == "fisher" else ["w8-weight", "w4-g128", "w3-g128", "w2-g64"])
     seconds: dict[str, float] = {}
     table = None
     if args.float_table:
         start = time.perf_counter()
-        table = sensitivity(loaded, args.lm_candidates, None, args.samples)
+        table = sensitivity(loaded, candidates, None, args.samples, method=args.method)
         seconds["around float"] = time.perf_counter() - start
         log(f"smollm2 sensitivity: {len(table['layers'])} layers x {len(table['candidates'])} candidates, "
             f"{seconds['around float']:.0f} s")  # fmt: skip
@@ -69,7 +72,7 @@ def smollm2(args) -> dict[str, Any]:
         tables = {} if table is None else {"around float": table}
         if args.operating_point:
             start = time.perf_counter()
-            tables[f"at uniform {preset}"] = sensitivity(loaded, args.lm_candidates, None, args.samples, base=preset)
+            tables[f"at uniform {preset}"] = sensitivity(loaded, candidates, None, args.samples, base=preset)
             seconds[f"at uniform {preset}"] = time.perf_counter() - start
             log(f"smollm2 sensitivity at uniform {preset}: {seconds[f'at uniform {preset}']:.0f} s")
         first_table = first_table or next(iter(tables.values()))
@@ -99,6 +102,7 @@ def smollm2(args) -> dict[str, Any]:
     return {
         "model": source,
         "metric": first_table["metric"],
+        "method": first_table.get("method", "measured"),
         "float_perplexity": float_ppl,
         "sensitivity_seconds": seconds,
         "candidates": first_table["candidates"],
@@ -205,7 +209,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="sensitivity calibration samples")
     parser.add_argument("--max-tokens", type=int, default=8192, help="WikiText-2 test tokens for perplexity")
     parser.add_argument("--max-drop", type=float, default=0.01, help="budget: 1 - cosine (MiniLM), accuracy (CNN)")
-    parser.add_argument("--lm-candidates", nargs="+", default=["w8-weight", "w4-g128", "w3-g128", "w2-g64"])
+    parser.add_argument(
+        "--lm-candidates", nargs="+", default=None,
+        help="SmolLM2 candidates (default: w8-weight w4-g128 w3-g128 w2-g64 when measured, the Fisher grid with --method fisher)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--method", choices=["measured", "fisher"], default="measured",
+        help="SmolLM2 sensitivity: measured per layer and candidate, or estimated from the Fisher diagonal",
+    )  # fmt: skip
     parser.add_argument("--encoder-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "nf4-g64"])
     parser.add_argument(
         "--cnn-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64"]

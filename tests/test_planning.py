@@ -338,3 +338,103 @@ def test_sensitivity_cache_of_a_module_follows_its_weights(tmp_path, monkeypatch
     ]
     assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 2
     assert tables[0]["layers"] != tables[1]["layers"]
+
+
+def test_weight_grid_names_resolve_like_presets():
+    from lowbit.formats import Int
+    from lowbit.granularity import PerGroup
+    from lowbit.presets import INT8_HEAD
+
+    recipe = get_preset("w5-g64")
+    spec = recipe.rules[0].scheme.weight
+    assert spec.format == Int(5, symmetric=False) and spec.granularity == PerGroup(64)
+    assert recipe.head == INT8_HEAD and recipe.rules[0].scheme.algorithm == "rtn"
+    assert candidate_scheme("w4-g128") == get_preset("w4-g128").rules[0].scheme
+    for bad in ("w9-g64", "w1-g64", "w4-g4", "w4-g100000"):
+        with pytest.raises(SpecError, match="2-8 bits and a group of 8-8192"):
+            get_preset(bad)
+    with pytest.raises(SpecError, match="did you mean 'w4-g128'"):
+        get_preset("w4-g128x")
+
+
+def test_fisher_diagonal_of_a_softmax_classifier_matches_the_closed_form():
+    """For logits = W x, diag F[i, j] = E_x[p_i (1 - p_i) x_j^2]; the sampled-label estimate converges to it."""
+    from lowbit.planning.fisher import fisher_diagonal
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5, bias=False)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 6, generator=gen) for _ in range(500)]
+    total, units = fisher_diagonal("image-classifier", layer, batches, {"fc": layer}, lambda m, b: m(b))
+    assert units == 4000
+    x = torch.cat(batches)
+    with torch.no_grad():
+        p = layer(x).softmax(-1)
+    exact = torch.einsum("ni,nj->ij", p * (1 - p), x * x) / len(x)
+    estimate = total["fc"] / units
+    assert float((estimate - exact).norm() / exact.norm()) < 0.1
+    assert layer.weight.requires_grad  # flags restored
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "encoder"])
+def test_fisher_damages_track_the_measured_ones(tmp_path, monkeypatch, kind):
+    """The second-order estimate agrees with the measured KL / 1 - cosine per layer: same order of
+    candidates, totals within a factor of two, and strongly correlated across layers."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    if kind == "causal-lm":
+        loaded = lowbit.Loaded(tiny_llama(), "causal-lm", "tiny-llama", meta={"type": "hf"})
+        batches = [{"input_ids": torch.randint(0, 96, (4, 32), generator=gen)} for _ in range(8)]
+    else:
+        loaded = lowbit.Loaded(_tiny_bert(), "encoder", "tiny-bert", meta={"type": "hf"})
+        mask = torch.ones(8, 20, dtype=torch.long)
+        mask[1, 12:] = 0
+        batches = [
+            {"input_ids": torch.randint(0, 60, (8, 20), generator=gen), "attention_mask": mask} for _ in range(8)
+        ]
+    cands = ["w8-weight", "w4-g32", "w3-g32"]
+    measured = measure(loaded, batches[:4], batches[4:], cands, use_cache=False)
+    fisher = measure(loaded, batches[:4], batches[4:], cands, use_cache=False, method="fisher")
+    assert fisher["method"] == "fisher" and measured["method"] == "measured"
+    # each candidate's estimates are scaled to its measured damage on every layer at once
+    at_w4 = measure(loaded, batches[:4], batches[4:], cands, use_cache=False, base="w4-g32")
+    calibration = fisher["calibration"]["w4-g32"]
+    assert calibration["uniform_damage"] == pytest.approx(at_w4["base_damage"], rel=1e-6)
+    assert 0.5 < calibration["scale"] < 2.0, calibration
+    for cand in cands:  # (a damage measured as 0 in float32, e.g. 1 - cosine at int8, keeps the estimate)
+        total = sum(e["options"][cand]["damage"] for e in fisher["layers"].values())
+        expected = fisher["calibration"][cand]["uniform_damage"]
+        assert total == pytest.approx(expected, rel=1e-6) if expected > 0 else total > 0
+    for cand in ("w4-g32", "w3-g32"):
+        m = torch.tensor([e["options"][cand]["damage"] for e in measured["layers"].values()])
+        f = torch.tensor([fisher["layers"][n]["options"][cand]["damage"] for n in measured["layers"]])
+        assert 0.5 < float(f.sum() / m.sum()) < 2.0, (cand, f.sum(), m.sum())
+        assert float(torch.corrcoef(torch.stack([m, f]))[0, 1]) > 0.8
+    for entry in fisher["layers"].values():
+        opts = entry["options"]
+        assert 0 <= opts["w8-weight"]["damage"] < opts["w4-g32"]["damage"] < opts["w3-g32"]["damage"]
+        assert opts["w8-weight"]["layer_error"] is not None
+    assert all(type(m) is torch.nn.Linear for n, m in loaded.model.named_modules() if n.endswith(("proj", "dense")))
+    assert all(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_fisher_refuses_what_it_cannot_price(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    model = _mlp_classifier(0)
+    loaded = lowbit.load_model(model, kind="image-classifier")
+    x = [torch.randn(16, 64) for _ in range(2)]
+    with pytest.raises(SpecError, match="weight changes only.*int8-dynamic"):
+        measure(loaded, x, x, ["w4-g128", "int8-dynamic"], method="fisher")
+    with pytest.raises(SpecError, match="around the float model"):
+        measure(loaded, x, x, ["w8-weight", "w4-g128"], base="w4-g128", method="fisher")
+    with pytest.raises(SpecError, match="expected-accuracy drop needs method 'measured'"):
+        measure(loaded, x, x, ["w4-g128"], labels=[torch.zeros(16, dtype=torch.long)] * 2, method="fisher")
+    with pytest.raises(SpecError, match="method 'hessian' is unknown"):
+        measure(loaded, x, x, ["w4-g128"], method="hessian")
+    table = measure(loaded, x, x, None, method="fisher")  # the default grid: every candidate priced
+    assert len(table["candidates"]) == 19 and "w5-g64" in table["candidates"]
+    plan = allocate(table, avg_bits=4.5)
+    assert 8.0 * plan.layer_bytes / sum(e["params"] for e in table["layers"].values()) <= 4.5
+    recipe = plan_recipe(plan)
+    quantized = lowbit.quantize(_mlp_classifier(0), recipe)
+    assert quantized is not None

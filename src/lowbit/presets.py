@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 
 from .errors import SpecError
@@ -175,13 +176,38 @@ def describe_presets() -> dict[str, str]:
     return {name: desc for name, (desc, _) in _all().items()}
 
 
+# Any weight-only grid by name: w<bits>-g<group> (e.g. w5-g64, w3-g32), asymmetric round-to-nearest
+# with fp16 scales like w4-g128. Mixed-precision plans choose among many of these.
+_GRID_NAME = re.compile(r"w(\d+)-g(\d+)")
+MIN_GROUP, MAX_GROUP = 8, 8192
+
+
+def weight_grid(name: str) -> tuple[str, Callable[[], tuple[Rule, ...]]] | None:
+    """(description, rules) of a ``w<bits>-g<group>`` name, None for other names; out-of-range
+    bits or groups are a SpecError that names the valid range."""
+    match = _GRID_NAME.fullmatch(name)
+    if match is None:
+        return None
+    bits, group = int(match.group(1)), int(match.group(2))
+    if not (2 <= bits <= 8 and MIN_GROUP <= group <= MAX_GROUP):
+        raise SpecError(
+            f"recipe {name!r}: a w<bits>-g<group> name takes 2-8 bits and a group of {MIN_GROUP}-{MAX_GROUP} "
+            "weights (e.g. w5-g64)"
+        )
+    desc = f"{bits}-bit asymmetric weights in groups of {group}, fp16 scales, round-to-nearest"
+    return desc, lambda: _weights(Int(bits, symmetric=False), PerGroup(group))
+
+
 def get_preset(name: str) -> Recipe:
-    """The named preset; a typo gets the closest name suggested."""
+    """The named preset, or a ``w<bits>-g<group>`` grid; a typo gets the closest name suggested."""
     table = _all()
-    if name not in table:
+    entry = table.get(name) or weight_grid(name)
+    if entry is None:
         close = difflib.get_close_matches(name, table, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise SpecError(f"recipe {name!r} is not a preset or a recipe file{hint} (see `lowbit recipes`)")
-    desc, rules = table[name]
-    head = INT8_HEAD if name in _INT8_HEAD else None
+        raise SpecError(
+            f"recipe {name!r} is not a preset, a w<bits>-g<group> grid or a recipe file{hint} (see `lowbit recipes`)"
+        )
+    desc, rules = entry
+    head = INT8_HEAD if name in _INT8_HEAD or name not in table else None
     return Recipe(name=name, rules=rules(), description=desc, head=head)

@@ -116,7 +116,9 @@ def recipes(as_json: JsonFlag = False) -> None:
     table.add_column("what it does")
     for name, desc in presets.items():
         table.add_row(name, desc)
-    emit({"recipes": presets}, as_json, table)
+    grids = "w<bits>-g<group> (e.g. w5-g64): any weight-only grid, 2-8 bits, asymmetric, round-to-nearest"
+    table.caption = f"Also: {grids}"
+    emit({"recipes": presets, "grids": grids}, as_json, table)
 
 
 def _check_out_dir(model: str, out: Path) -> None:

@@ -40,11 +40,13 @@ def sensitivity(
     samples: int = 16,
     progress: Callable[[str, int, int], None] | None = None,
     base: str | None = None,
+    method: str = "measured",
 ) -> dict[str, Any]:
     """The sensitivity table on the model's planning data (around the float model, or at the
-    operating point where every other layer uses ``base``)."""
+    operating point where every other layer uses ``base``; measured, or estimated by ``method``
+    "fisher")."""
     calib, evaluation = planning_data(loaded, samples)
-    return measure(loaded, calib, evaluation, candidates, target, progress, base=base)
+    return measure(loaded, calib, evaluation, candidates, target, progress, base=base, method=method)
 
 
 def _fixed_bytes(loaded: Loaded, table: dict[str, Any]) -> int:
