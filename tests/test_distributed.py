@@ -92,7 +92,18 @@ def test_sensitivity_split_over_two_ranks_equals_one(bert_checkpoint, tmp_path):
     two = _torchrun(tmp_path, *args)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
-    assert json.loads(two.stdout)["layers"] == json.loads(one.stdout)["layers"]
+    assert _untimed(json.loads(two.stdout)["layers"]) == _untimed(json.loads(one.stdout)["layers"])
+
+
+def _untimed(layers: dict) -> dict:
+    """The table without its latency estimates (timings differ from run to run)."""
+    out = {}
+    for name, entry in layers.items():
+        assert entry.pop("float_latency_ms") > 0
+        for option in entry["options"].values():
+            assert option.pop("latency_ms") > 0
+        out[name] = entry
+    return out
 
 
 PERPLEXITY = textwrap.dedent(

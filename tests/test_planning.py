@@ -423,7 +423,7 @@ def test_fisher_refuses_what_it_cannot_price(tmp_path, monkeypatch):
     model = _mlp_classifier(0)
     loaded = lowbit.load_model(model, kind="image-classifier")
     x = [torch.randn(16, 64) for _ in range(2)]
-    with pytest.raises(SpecError, match="weight changes only.*int8-dynamic"):
+    with pytest.raises(SpecError, match=r"weight changes only.*int8-dynamic"):
         measure(loaded, x, x, ["w4-g128", "int8-dynamic"], method="fisher")
     with pytest.raises(SpecError, match="around the float model"):
         measure(loaded, x, x, ["w8-weight", "w4-g128"], base="w4-g128", method="fisher")
@@ -438,3 +438,38 @@ def test_fisher_refuses_what_it_cannot_price(tmp_path, monkeypatch):
     recipe = plan_recipe(plan)
     quantized = lowbit.quantize(_mlp_classifier(0), recipe)
     assert quantized is not None
+
+
+def test_latency_estimates_and_the_latency_front(tmp_path, monkeypatch):
+    """Every option is timed on a decoded token (LM); the plan, presets and a latency-vs-damage
+    front carry the estimate; a latency knapsack respects its budget."""
+    from lowbit.planning.latency import input_shapes, latency_batch
+    from lowbit.planning.workflow import make_plan
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    loaded = lowbit.Loaded(tiny_llama(), "causal-lm", "tiny-llama", meta={"type": "hf"})
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 96, (2, 32), generator=gen)} for _ in range(3)]
+    one = latency_batch("causal-lm", batches[0])
+    assert one["input_ids"].shape == (1, 1)
+    shapes = input_shapes(loaded.model, ["model.layers.0.mlp.down_proj"], one)
+    assert shapes == {"model.layers.0.mlp.down_proj": (1, 1, 128)}
+    table = measure(loaded, batches[:2], batches[2:], ["w8-weight", "w4-g128", "w2-g64"], use_cache=False)
+    assert table["latency_input"] == "one decoded token"
+    for entry in table["layers"].values():
+        assert entry["float_latency_ms"] > 0
+        assert all(option["latency_ms"] > 0 for option in entry["options"].values())
+    result = make_plan(loaded, table, avg_bits=5)
+    assert result["plan"]["latency_ms"] > 0 and all(p["latency_ms"] > 0 for p in result["presets"])
+    assert result["float_latency_ms"] == pytest.approx(sum(e["float_latency_ms"] for e in table["layers"].values()))
+    front = sorted(result["latency_front"], key=lambda p: p["latency_ms"])
+    assert len(front) >= 2
+    assert all(a["predicted_damage"] >= b["predicted_damage"] for a, b in itertools.pairwise(front))
+    knap = Knapsack(table, cost="latency")
+    budget = sorted(p["latency_ms"] for p in front)[len(front) // 2]
+    plan = knap.plan_at(round(budget * 1e6) // knap.unit)
+    from lowbit.planning.allocate import plan_latency_ms
+
+    assert plan_latency_ms(table, plan) <= budget * (1 + 1e-9)
+    with pytest.raises(SpecError, match="no latency estimates"):
+        Knapsack({"layers": {"a": {"params": 1, "options": {"x": {"bytes": 1, "damage": 0.0}}}}}, cost="latency")

@@ -127,7 +127,8 @@ def test_report_has_every_section_and_plot(report):
     text = report.read_text()
     for title in ("Recipes", "Mixed-precision plan", "Per-layer sensitivity", "Speed", "Weights", "Environment"):
         assert f"<h2>{title}" in text, title
-    assert text.count("<svg") >= 6  # size/speed Pareto, plan front, sensitivity, SQNR, histograms
+    assert text.count("<svg") >= 7  # size/speed Pareto, plan fronts (size, latency), sensitivity, SQNR, histograms
+    assert "Plan: latency vs damage" in text
     assert "Not in this report" not in text
     assert not re.search(r"(src|href)=[\"']?(https?:)?//", text)  # self-contained: nothing fetched
     assert "int8-dynamic" in text and "torch" in text

@@ -131,23 +131,33 @@ def plan(
         result["verification"] = check(model, result["recipe"], loaded.kind, result["plan"]["predicted_damage"])
     plan_row = result["plan"]
     view = Table(title=f"{model}: plan written to {out} ({result['metric']})")
-    for col in ("", "size MB", "bits/weight", "damage"):
+    for col in ("", "size MB", "bits/weight", "damage", "est. layer ms"):
         view.add_column(col, justify="right")
+
+    def ms(row: dict) -> str:
+        return f"{row['latency_ms']:.3f}" if "latency_ms" in row else "-"
+
     view.add_row(
         "predicted",
         f"{plan_row['size_mb']:.2f}",
         f"{plan_row['bits_per_weight']:.2f}",
         f"{plan_row['predicted_damage']:.4g}",
+        ms(plan_row),
     )
     if verify:
         v = result["verification"]
-        view.add_row("achieved", f"{v['size_mb']:.2f}", f"{v['bits_per_weight']:.2f}", f"{v['achieved_damage']:.4g}")
+        view.add_row(
+            "achieved", f"{v['size_mb']:.2f}", f"{v['bits_per_weight']:.2f}", f"{v['achieved_damage']:.4g}", "-"
+        )
     for preset in result["presets"]:
         view.add_row(
             f"uniform {preset['label']}",
             f"{preset['size_mb']:.2f}",
             f"{preset['bits_per_weight']:.2f}",
             f"{preset['predicted_damage']:.4g}",
+            ms(preset),
         )
+    if result.get("float_latency_ms") is not None:
+        view.add_row("float", "", "", "0", f"{result['float_latency_ms']:.3f}")
     view.caption = "layers per scheme: " + json.dumps(plan_row["counts"])
     emit(result, as_json, view)

@@ -55,13 +55,26 @@ class Plan:
         return {"choices": self.choices, "layer_bytes": self.layer_bytes, "predicted_damage": self.damage}
 
 
-class Knapsack:
-    """min total damage for every total size (in units), with back-pointers per layer."""
+def _cost(option: dict[str, Any], cost: str) -> int:
+    """An option's cost as an integer: bytes, or estimated latency in nanoseconds."""
+    if cost == "bytes":
+        return int(option["bytes"])
+    if cost == "latency":
+        if "latency_ms" not in option:
+            raise SpecError("the sensitivity table has no latency estimates; measure it again")
+        return max(1, round(1e6 * float(option["latency_ms"])))
+    raise SpecError(f"knapsack cost {cost!r} is unknown; use bytes or latency")
 
-    def __init__(self, table: dict[str, Any], allowed: list[str] | None = None) -> None:
+
+class Knapsack:
+    """min total damage for every total cost (bytes, or estimated latency; in units), with
+    back-pointers per layer."""
+
+    def __init__(self, table: dict[str, Any], allowed: list[str] | None = None, cost: str = "bytes") -> None:
         self.layers = list(table["layers"])
         if not self.layers:
             raise SpecError("the sensitivity table has no layers")
+        self.table = table
         self.options = []
         for name in self.layers:
             opts = table["layers"][name]["options"]
@@ -69,7 +82,7 @@ class Knapsack:
             if not names:
                 raise SpecError(f"{name}: none of the allowed candidates {allowed} was measured")
             damage = effective_damages(opts, damage_floor(table))
-            self.options.append([(c, int(opts[c]["bytes"]), damage[c]) for c in names])
+            self.options.append([(c, _cost(opts[c], cost), damage[c]) for c in names])
         total = sum(max(b for _, b, _ in opts) for opts in self.options)
         self.unit = max(1, math.ceil(total / MAX_UNITS))
         self.size = total // self.unit + len(self.layers) + 1
@@ -95,13 +108,14 @@ class Knapsack:
         if not np.isfinite(self.best[units]):
             raise SpecError("no plan fits this budget: even the smallest option of every layer is larger")
         b = int(np.flatnonzero(self.dp[: units + 1] == self.best[units])[0])
-        choices, nbytes = {}, 0
+        choices = {}
         for li in reversed(range(len(self.layers))):
             name, size, _ = self.options[li][self.back[li][b]]
             choices[self.layers[li]] = name
-            nbytes += size
             b -= math.ceil(size / self.unit)
         damage = sum(o[2] for li, n in enumerate(self.layers) for o in self.options[li] if o[0] == choices[n])
+        layers = self.table["layers"]
+        nbytes = sum(int(layers[n]["options"][c]["bytes"]) for n, c in choices.items())
         return Plan(dict(reversed(list(choices.items()))), nbytes, damage)
 
     def smallest_within(self, max_damage: float) -> Plan:
@@ -161,6 +175,22 @@ def uniform_plans(table: dict[str, Any]) -> list[Plan]:
                 )
             )
     return plans
+
+
+def plan_latency_ms(table: dict[str, Any], plan: Plan) -> float | None:
+    """Estimated latency of the planned layers (sum of their timed options), None without timings."""
+    options = [table["layers"][n]["options"][c] for n, c in plan.choices.items()]
+    if not all("latency_ms" in o for o in options):
+        return None
+    return sum(float(o["latency_ms"]) for o in options)
+
+
+def float_latency_ms(table: dict[str, Any]) -> float | None:
+    """Estimated latency of the same layers left in float, None without timings."""
+    layers = table["layers"].values()
+    if not all("float_latency_ms" in e for e in layers):
+        return None
+    return sum(float(e["float_latency_ms"]) for e in layers)
 
 
 def plan_recipe(plan: Plan, name: str = "plan", description: str = "") -> Recipe:

@@ -40,6 +40,7 @@ from ..recipe import LayerScheme, Recipe, Rule
 from ..sequential import find_blocks
 from ..sparse import magnitude_mask, n_m_mask
 from .fisher import estimated_damage, fisher_diagonal
+from .latency import latency_batch, layer_latencies
 from .replay import BlockReplay
 from .targets import get_target
 
@@ -383,7 +384,7 @@ def measure(
         raise SpecError("the model has no quantizable Linear/Conv2d layer (the head and embeddings stay float)")
     metric_name = METRICS[loaded.kind] if labels is None else EXPECTED_ACCURACY
     context = f"{target or ''}|{metric_name}" + ("" if base is None else f"|base={base}")
-    context += "" if method == "measured" else f"|{method}"
+    context += ("" if method == "measured" else f"|{method}|calibrated per candidate") + "|timed"
     key = _digest(loaded, names + layers, calib + evaluation + list(labels or []), context)
     path = cache_dir() / "sensitivity" / f"{key}.json"
     if use_cache and path.is_file():
@@ -420,6 +421,21 @@ def measure(
                 "options": {},
             }
         table[name]["options"][cand] = option
+    if progress is not None:
+        progress("latency of each layer and candidate", len(pairs), len(pairs))
+    float_ms, quantized_ms = layer_latencies(
+        model,
+        layers,
+        names,
+        lambda n, c: quantize_one(floats[n], n, schemes[c], stats.get(n)),
+        latency_batch(loaded.kind, evaluation[0]),
+    )
+    for name, entry in table.items():
+        if name in float_ms:
+            entry["float_latency_ms"] = float_ms[name]
+        for cand, option in entry["options"].items():
+            if (name, cand) in quantized_ms:
+                option["latency_ms"] = quantized_ms[(name, cand)]
     result = {
         "model": loaded.source,
         "kind": loaded.kind,
@@ -433,6 +449,7 @@ def measure(
         "base": base,
         "base_damage": base_damage,
         **({} if calibration is None else {"calibration": calibration}),
+        "latency_input": "one decoded token" if loaded.kind == "causal-lm" else "the first evaluation batch",
         "seconds": time.perf_counter() - start,
     }
     if use_cache and distributed.is_main():

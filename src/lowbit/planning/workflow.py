@@ -15,7 +15,7 @@ from ..errors import SpecError
 from ..evaluation.size import model_size
 from ..models import Loaded, load_model
 from ..quantize import quantize
-from .allocate import Knapsack, Plan, allocate, plan_recipe, uniform_plans
+from .allocate import Knapsack, Plan, allocate, float_latency_ms, plan_latency_ms, plan_recipe, uniform_plans
 from .sensitivity import measure
 
 
@@ -76,15 +76,25 @@ def make_plan(
     params = sum(table["layers"][n]["params"] for n in table["layers"])
 
     def point(p: Plan, label: str) -> dict[str, Any]:
-        return {
+        out = {
             "label": label,
             "size_mb": (fixed + p.layer_bytes) / 1e6,
             "bits_per_weight": 8.0 * p.layer_bytes / params,
             "predicted_damage": p.damage,
         }
+        latency = plan_latency_ms(table, p)
+        return out if latency is None else {**out, "latency_ms": latency}
 
     front = [point(p, "plan") for p in Knapsack(table).front()]
     presets = [point(p, next(iter(p.choices.values()))) for p in uniform_plans(table)]
+    timed = float_latency_ms(table)
+    latency = {}
+    if timed is not None:  # the front of estimated latency vs damage, next to the layers in float
+        latency = {
+            "latency_front": [point(p, "plan") for p in Knapsack(table, cost="latency").front()],
+            "float_latency_ms": timed,
+            "latency_input": table.get("latency_input"),
+        }
     counts: dict[str, int] = {}
     for cand in plan.choices.values():
         counts[cand] = counts.get(cand, 0) + 1
@@ -93,6 +103,7 @@ def make_plan(
         "recipe": plan_recipe(plan, description=f"lowbit plan: {counts}").to_dict(),
         "front": front,
         "presets": presets,
+        **latency,
         "metric": table["metric"],
         "fixed_mb": fixed / 1e6,
     }

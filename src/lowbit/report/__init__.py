@@ -91,10 +91,30 @@ def _plans(results: list[tuple[str, str, dict]]) -> list[str]:
             charts.lines(series, "size (MB)", f"predicted damage ({data.get('metric', '')})", "Plan: size vs damage"),
             f"{name}: exact knapsack front over the measured options, next to uniform presets.",
         ) + P.table(["", "size MB", "bits/weight", "predicted damage"], rows)
+        if data.get("latency_front"):
+            body += _latency_figure(name, data, presets)
         if isinstance(verified, dict):
             body += P.table(["verification", "value"], [[k, v] for k, v in verified.items() if not isinstance(v, dict)])
         out.append(P.section(f"Mixed-precision plan ({name})", body))
     return out
+
+
+def _latency_figure(name: str, data: dict, presets: list[dict]) -> str:
+    """Estimated latency of the planned layers vs predicted damage: the front, presets, float."""
+    front = sorted(data["latency_front"], key=lambda p: p["latency_ms"])
+    series = {"Pareto front (plans)": ([p["latency_ms"] for p in front], [p["predicted_damage"] for p in front])}
+    timed = [p for p in presets if "latency_ms" in p]
+    if timed:
+        series["uniform presets"] = ([p["latency_ms"] for p in timed], [p["predicted_damage"] for p in timed])
+    if "latency_ms" in data["plan"]:
+        series["this plan"] = ([data["plan"]["latency_ms"]], [data["plan"]["predicted_damage"]])
+    if data.get("float_latency_ms"):
+        series["float"] = ([data["float_latency_ms"]], [0.0])
+    return P.figure(
+        charts.lines(series, "estimated latency of the layers (ms)", "predicted damage", "Plan: latency vs damage"),
+        f"{name}: each layer's kernel timed on {data.get('latency_input') or 'a planning batch'}, summed over "
+        "the planned layers (attention, norms and the head are not included).",
+    )
 
 
 def _sensitivity(results: list[tuple[str, str, dict]]) -> list[str]:
