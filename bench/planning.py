@@ -6,13 +6,16 @@ held-out data. Prints one JSON object.
    WikiText-2 test perplexity next to the uniform preset (same layers, same evaluation). Each
    budget is planned twice: from the sensitivity around the float model (one layer quantized at
    a time) and from one measured at the preset itself (every other layer quantized with it);
-   --no-float-table plans from the latter only.
+   --no-float-table plans from the latter only. --method fisher (with --no-operating-point)
+   estimates the table instead (Fisher diagonal, each candidate scaled to one measurement on
+   every layer) over the fine default grid (w2..w6 at groups 32/64/128, w8-weight, fp16).
 2. MiniLM: the smallest plan whose predicted 1 - cosine stays within --max-drop, verified on
    WikiText-2 test sentences, next to uniform int8 (w8-weight). The same for a small CNN
    trained on Fashion-MNIST, with the budget on test accuracy.
 3. SmolLM2 2:4 sparsity + w4 (w4-g128-2of4) next to dense w4-g128: perplexity and size.
 
     nice .venv/bin/python bench/planning.py > bench/results/planning.json
+    cd bench && ../.venv/bin/python planning.py --method fisher --no-operating-point --skip minilm fashion
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def smollm2(args) -> dict[str, Any]:
         raise SystemExit("planning.py: --no-float-table needs --operating-point")
     if args.method == "fisher" and args.operating_point:
         raise SystemExit("planning.py: --method fisher estimates around the float model; add --no-operating-point")
-    candidates = args.lm_candidates or (None if args.method == "fisher" else ["w8-weight", "w4-g128", "w3-g128", "w2-g64"])
+    candidates = args.lm_candidates or (
+        None if args.method == "fisher" else ["w8-weight", "w4-g128", "w3-g128", "w2-g64"]
+    )
     seconds: dict[str, float] = {}
     table = None
     if args.float_table:
@@ -115,7 +120,10 @@ def smollm2(args) -> dict[str, Any]:
 def minilm(args) -> dict[str, Any]:
     source = "builtin:minilm"
     loaded = lowbit.load_model(source)
-    table = sensitivity(loaded, args.encoder_candidates, None, args.samples)
+    candidates = args.encoder_candidates or (
+        None if args.method == "fisher" else ["fp16", "w8-weight", "w4-g128", "nf4-g64"]
+    )
+    table = sensitivity(loaded, candidates, None, args.samples, method=args.method)
     planned = make_plan(loaded, table, max_drop=args.max_drop)
     got = verify(source, planned["recipe"], "encoder", planned["plan"]["predicted_damage"])
     recipe, uniform = _uniform(table, "w8-weight")
@@ -125,6 +133,8 @@ def minilm(args) -> dict[str, Any]:
     return {
         "model": source,
         "metric": table["metric"],
+        "method": table["method"],
+        "candidates": table["candidates"],
         "max_drop": args.max_drop,
         "rows": [_row(f"plan --max-drop {args.max_drop}", got, planned["plan"]["counts"]), _row("uniform int8", int8)],
         "within_budget": got["achieved_damage"] <= args.max_drop,
@@ -211,13 +221,16 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=0.01, help="budget: 1 - cosine (MiniLM), accuracy (CNN)")
     parser.add_argument(
         "--lm-candidates", nargs="+", default=None,
-        help="SmolLM2 candidates (default: w8-weight w4-g128 w3-g128 w2-g64 when measured, the Fisher grid with --method fisher)",
+        help="SmolLM2 candidates (default: w8-weight w4-g128 w3-g128 w2-g64, or the Fisher grid with --method fisher)",
     )  # fmt: skip
     parser.add_argument(
         "--method", choices=["measured", "fisher"], default="measured",
-        help="SmolLM2 sensitivity: measured per layer and candidate, or estimated from the Fisher diagonal",
+        help="sensitivity of SmolLM2 and MiniLM: measured per layer and candidate, or estimated (Fisher diagonal)",
     )  # fmt: skip
-    parser.add_argument("--encoder-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "nf4-g64"])
+    parser.add_argument(
+        "--encoder-candidates", nargs="+", default=None,
+        help="MiniLM candidates (default: fp16 w8-weight w4-g128 nf4-g64, or the Fisher grid with --method fisher)",
+    )  # fmt: skip
     parser.add_argument(
         "--cnn-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64"]
     )

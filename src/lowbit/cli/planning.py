@@ -37,7 +37,7 @@ MethodOption = Annotated[
     typer.Option(
         help="measured: run the model once per layer and candidate; fisher: estimate every damage from one "
         "backward pass per batch (second order around float; weight-only candidates; default grid w2-w6 "
-        "at groups 32/64/128 plus fp16, w8-weight, nf4-g64, w4-g128-2of4). Fisher is far faster on LLMs."
+        "at groups 32/64/128 plus fp16 and w8-weight). Fisher is far faster on LLMs."
     ),
 ]
 

@@ -78,8 +78,8 @@ def _load() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        # Importing registers; the CPU modules check their own availability.
-        from . import cpu_int8, cpu_weightonly, reference  # noqa: F401
+        # Importing registers; each module checks its own availability (device, CPU features).
+        from . import cpu_int8, cpu_weightonly, cuda, reference  # noqa: F401
 
 
 def prepacked(module: nn.Module, key: str, build: Callable[[nn.Module], object]) -> object:

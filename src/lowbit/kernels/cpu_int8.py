@@ -317,10 +317,14 @@ def _portable_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, tor
     return codes.t().contiguous(), codes.sum(dim=1, dtype=torch.int32), module.scale.float().reshape(-1)
 
 
-def portable_linear_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def portable_linear_rows(module: nn.Module, x: torch.Tensor, min_rows: int = 0) -> torch.Tensor:
+    """W8A8 with torch ops only (``torch._int_mm``); activation codes are zero-padded to
+    ``min_rows`` rows for backends that need more (cuBLASLt: over 16)."""
     w_t, w_sum, w_scale = prepacked(module, "cpu-int8-portable", _portable_weight)
     a, x_scale, offset = activation_codes(module, x)
-    acc = torch._int_mm(a, w_t) + offset.to(torch.int32).reshape(-1, 1) * w_sum
+    rows = a.shape[0]
+    padded = a if rows >= min_rows else torch.nn.functional.pad(a, (0, 0, 0, min_rows - rows))
+    acc = torch._int_mm(padded, w_t)[:rows] + offset.to(torch.int32).reshape(-1, 1) * w_sum
     y = acc.float() * (x_scale.reshape(-1, 1) * w_scale)
     if module.bias is not None:
         y = y + module.bias.float()

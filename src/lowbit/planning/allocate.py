@@ -21,7 +21,7 @@ from ..errors import SpecError
 from ..recipe import Recipe, Rule
 from .sensitivity import candidate_scheme
 
-MAX_UNITS = 40_000
+MAX_UNITS = 200_000  # DP cells per layer: fine enough to trade w4-g64 for w4-g128 on one layer
 
 
 def effective_damages(options: dict[str, Any], floor: float = 0.0) -> dict[str, float]:
@@ -76,13 +76,18 @@ class Knapsack:
             raise SpecError("the sensitivity table has no layers")
         self.table = table
         self.options = []
+        self.base = 0  # total cost of the cheapest option of every layer
         for name in self.layers:
             opts = table["layers"][name]["options"]
             names = [c for c in (allowed or list(opts)) if c in opts]
             if not names:
                 raise SpecError(f"{name}: none of the allowed candidates {allowed} was measured")
             damage = effective_damages(opts, damage_floor(table))
-            self.options.append([(c, _cost(opts[c], cost), damage[c]) for c in names])
+            costs = {c: _cost(opts[c], cost) for c in names}
+            least = min(costs.values())
+            # the DP runs over the cost above each layer's cheapest option: a finer unit for the same range
+            self.base += least
+            self.options.append([(c, costs[c] - least, damage[c]) for c in names])
         total = sum(max(b for _, b, _ in opts) for opts in self.options)
         self.unit = max(1, math.ceil(total / MAX_UNITS))
         self.size = total // self.unit + len(self.layers) + 1
@@ -102,8 +107,14 @@ class Knapsack:
         self.dp = dp
         self.best = np.minimum.accumulate(dp)  # least damage within each size
 
+    def plan_within(self, cost: int) -> Plan:
+        """The least-damage plan whose total cost (bytes, or latency in ns) is at most ``cost``."""
+        if cost < self.base:
+            raise SpecError("no plan fits this budget: even the smallest option of every layer is larger")
+        return self.plan_at((cost - self.base) // self.unit)
+
     def plan_at(self, units: int) -> Plan:
-        """The least-damage plan using at most ``units`` units."""
+        """The least-damage plan using at most ``units`` units above the cheapest plan."""
         units = min(units, self.size - 1)
         if not np.isfinite(self.best[units]):
             raise SpecError("no plan fits this budget: even the smallest option of every layer is larger")
@@ -158,7 +169,7 @@ def allocate(
         layer_budget_bytes = int(avg_bits * params / 8)
     if layer_budget_bytes <= 0:
         raise SpecError("the budget leaves no room for the quantized layers (the float parts alone exceed it)")
-    return knap.plan_at(layer_budget_bytes // knap.unit)
+    return knap.plan_within(layer_budget_bytes)
 
 
 def uniform_plans(table: dict[str, Any]) -> list[Plan]:
