@@ -102,6 +102,11 @@ def smollm2(args) -> dict[str, Any]:
             )
             log(f"  {preset}: uniform {base['perplexity']:.3f} ({base['size_mb']:.1f} MB), plan measured "
                 f"{measured} {got['perplexity']:.3f} ({got['size_mb']:.1f} MB)")  # fmt: skip
+    for bits in args.avg_bits:  # a plan at exactly this many bits per weight (scales included)
+        planned = make_plan(loaded, first_table, avg_bits=bits)
+        got = verify(source, planned["recipe"], "causal-lm", planned["plan"]["predicted_damage"], args.max_tokens)
+        rows.append(_row(f"plan at --avg-bits {bits}", got, planned["plan"]["counts"]))
+        log(f"  --avg-bits {bits}: plan {got['perplexity']:.3f} ({got['size_mb']:.1f} MB)")
     float_ppl = base["float_perplexity"]
     sparse_rows = sparsity_rows(source, ("w4-g128", "w4-g128-2of4"), args.max_tokens, None, log)
     return {
@@ -235,6 +240,7 @@ def main() -> None:
         "--cnn-candidates", nargs="+", default=["fp16", "w8-weight", "w4-g128", "w3-g128", "w2-g64", "nf4-g64"]
     )
     parser.add_argument("--cnn-epochs", type=int, default=3)
+    parser.add_argument("--avg-bits", type=float, nargs="*", default=[3.0], help="SmolLM2: also plan at these bits")
     parser.add_argument("--presets", nargs="+", default=["w4-g128", "w3-g128"], help="SmolLM2 uniform presets to match")
     parser.add_argument(
         "--operating-point",

@@ -74,6 +74,25 @@ def test_quantize_then_eval_a_model_directory(tiny_bert_dir, tmp_path):
     assert data["metrics"]["mean_cosine"] > 0.99  # compared with the source model named in lowbit.json
 
 
+def test_quantize_for_a_target_names_the_layers_that_fall_back(tiny_bert_dir, tmp_path):
+    from lowbit.planning.targets import checkpoint_schemes, fallbacks_by_target
+
+    out = tmp_path / "q"
+    result = run("quantize", str(tiny_bert_dir), "--recipe", "w4-g128", "--target", "edge", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["target"] == "edge" and len(info["fallbacks"]) == info["layers"] == 16
+    assert all("edge has no kernel for this scheme" in why for why in info["fallbacks"].values())
+    assert "16 of 16 layers fall back on edge" in result.stderr
+    schemes = checkpoint_schemes(json.loads((out / "lowbit.json").read_text()))
+    by_target = fallbacks_by_target(schemes)
+    assert by_target["edge"] == info["fallbacks"]
+    assert not by_target["x86"]  # int4 groups and int8 tables run on x86's weight-only kernels
+    ok = run("quantize", str(tiny_bert_dir), "--recipe", "w8-weight", "--target", "x86", "--out", str(tmp_path / "o"),
+             "--json")  # fmt: skip
+    assert ok.returncode == 0 and json.loads(ok.stdout)["fallbacks"] == {} and "fall back" not in ok.stderr
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -84,6 +103,8 @@ def test_quantize_then_eval_a_model_directory(tiny_bert_dir, tmp_path):
         (["quantize", "{truncated}", "--recipe", "w8-weight"], "truncated"),
         (["quantize", "{model}", "--recipe", "w8-weight", "--out", "{model}/inside"], "inside the input"),
         (["eval", "{model}", "--task", "perplexitty"], "task"),
+        (["quantize", "{model}", "--recipe", "w8-weight", "--target", "tpu"], "target 'tpu' is unknown"),
+        (["quantize", "{model}", "--recipe", "w9-g64"], "2-8 bits"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_output(args, message, tiny_bert_dir, tmp_path):

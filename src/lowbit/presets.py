@@ -179,20 +179,22 @@ def describe_presets() -> dict[str, str]:
 # Any weight-only grid by name: w<bits>-g<group> (e.g. w5-g64, w3-g32), asymmetric round-to-nearest
 # with fp16 scales like w4-g128. Mixed-precision plans choose among many of these.
 _GRID_NAME = re.compile(r"w(\d+)-g(\d+)")
-MIN_GROUP, MAX_GROUP = 8, 8192
+GRID_GROUPS = tuple(2**i for i in range(4, 11))  # 16 ... 1024
 
 
 def weight_grid(name: str) -> tuple[str, Callable[[], tuple[Rule, ...]]] | None:
     """(description, rules) of a ``w<bits>-g<group>`` name, None for other names; out-of-range
-    bits or groups are a SpecError that names the valid range."""
+    bits or groups are a SpecError that names the valid range (and a close preset)."""
     match = _GRID_NAME.fullmatch(name)
     if match is None:
         return None
     bits, group = int(match.group(1)), int(match.group(2))
-    if not (2 <= bits <= 8 and MIN_GROUP <= group <= MAX_GROUP):
+    if not (2 <= bits <= 8 and group in GRID_GROUPS):
+        close = difflib.get_close_matches(name, _all(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise SpecError(
-            f"recipe {name!r}: a w<bits>-g<group> name takes 2-8 bits and a group of {MIN_GROUP}-{MAX_GROUP} "
-            "weights (e.g. w5-g64)"
+            f"recipe {name!r}: a w<bits>-g<group> name takes 2-8 bits and a group of 16, 32, ... 1024 "
+            f"weights (e.g. w5-g64){hint}"
         )
     desc = f"{bits}-bit asymmetric weights in groups of {group}, fp16 scales, round-to-nearest"
     return desc, lambda: _weights(Int(bits, symmetric=False), PerGroup(group))

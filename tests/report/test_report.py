@@ -125,7 +125,8 @@ def report(results, tmp_path_factory):
 
 def test_report_has_every_section_and_plot(report):
     text = report.read_text()
-    for title in ("Recipes", "Mixed-precision plan", "Per-layer sensitivity", "Speed", "Weights", "Environment"):
+    for title in ("Recipes", "Mixed-precision plan", "Per-layer sensitivity", "Speed", "Weights", "Hardware targets",
+                  "Environment"):  # fmt: skip
         assert f"<h2>{title}" in text, title
     assert text.count("<svg") >= 7  # size/speed Pareto, plan fronts (size, latency), sensitivity, SQNR, histograms
     assert "Plan: latency vs damage" in text

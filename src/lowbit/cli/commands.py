@@ -170,6 +170,12 @@ def quantize_cmd(
             "the journal next to --out (.<out>.journal) are reused; the result equals an uninterrupted run.",
         ),
     ] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="x86 | arm | cuda | edge: report the layers whose scheme falls back on that target's kernels."
+        ),
+    ] = None,
     quiet: QuietFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -185,6 +191,10 @@ def quantize_cmd(
     from ..recipe import resolve_recipe
 
     resolved = resolve_recipe(recipe)
+    if target is not None:
+        from ..planning.targets import get_target
+
+        get_target(target)  # an unknown name fails before any work
     name = model.removeprefix("builtin:").rstrip("/").split("/")[-1].removesuffix(".safetensors")
     out = out or Path("lowbit-out") / f"{name}-{resolved.name}"
     _check_out_dir(model, out)
@@ -192,7 +202,7 @@ def quantize_cmd(
     if stream and resume:
         raise SpecError("--resume continues block-by-block runs; --stream runs are calibration-free, drop --resume")
     if stream:
-        _quantize_streaming(model, resolved, out, quiet, as_json, start)
+        _quantize_streaming(model, resolved, out, quiet, as_json, start, target)
         return
     loaded = load_model(model)
     batches = calibration_data(loaded, calib, samples, seq_len) if resolved.needs_calibration else None
@@ -213,14 +223,34 @@ def quantize_cmd(
         "bits_per_weight": size["quantized_bits_per_weight"],
         "seconds": time.perf_counter() - start,
     }
+    if target is not None:
+        result.update(_fallbacks(target, loaded.model.lowbit.schemes, quiet))
     table = Table(title=f"{model} -> {out}")
     for key in result:
-        table.add_column(key)
-    table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()])
+        if key != "fallbacks":
+            table.add_column(key)
+    table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in result.items() if k != "fallbacks"])
     emit(result, as_json, table)
 
 
-def _quantize_streaming(model: str, recipe, out: Path, quiet: bool, as_json: bool, start: float) -> None:
+def _fallbacks(target: str, schemes: dict, quiet: bool) -> dict:
+    """{'target', 'fallbacks': {layer: why}}; the count and first reason on stderr unless quiet."""
+    from ..planning.targets import get_target
+
+    fallbacks = get_target(target).check(schemes)
+    if fallbacks and not quiet:
+        first, why = next(iter(fallbacks.items()))
+        typer.echo(
+            f"warning: {len(fallbacks)} of {len(schemes)} layers fall back on {target} (not run by its kernels), "
+            f"e.g. {first}: {why}",
+            err=True,
+        )
+    return {"target": target, "fallbacks": fallbacks}
+
+
+def _quantize_streaming(
+    model: str, recipe, out: Path, quiet: bool, as_json: bool, start: float, target: str | None = None
+) -> None:
     """quantize --stream: layer by layer from a HF directory (see lowbit.streaming)."""
     import json
     import time
@@ -232,20 +262,25 @@ def _quantize_streaming(model: str, recipe, out: Path, quiet: bool, as_json: boo
         raise SpecError(f"--stream reads a Hugging Face model directory (config.json + safetensors), not {model!r}")
     with bars(quiet) as bar:
         quantize_streaming(Path(model), recipe, out, progress=bar("quantize"))
-    layers = json.loads((out / "lowbit.json").read_text())["layers"]
+    manifest = json.loads((out / "lowbit.json").read_text())
     result = {
         "model": model,
         "recipe": recipe.name,
         "out": str(out),
-        "layers": len(layers),
+        "layers": len(manifest["layers"]),
         "size_bytes": directory_bytes(out),
         "stream": True,
         "seconds": time.perf_counter() - start,
     }
+    if target is not None:
+        from ..planning.targets import checkpoint_schemes
+
+        result.update(_fallbacks(target, checkpoint_schemes(manifest), quiet))
     table = Table(title=f"{model} -> {out} (streamed)")
     for key in result:
-        table.add_column(key)
-    table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in result.values()])
+        if key != "fallbacks":
+            table.add_column(key)
+    table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in result.items() if k != "fallbacks"])
     emit(result, as_json, table)
 
 

@@ -123,6 +123,12 @@ def plan(
         table = sensitivity(loaded, _candidates(candidates), target, samples, bar("sensitivity"), base, method)
     result = make_plan(loaded, table, budget_mb=budget_mb, avg_bits=avg_bits, max_drop=max_drop)
     result["target"] = target
+    if target is not None:  # empty by construction: the candidates were filtered by the target
+        from ..planning.targets import get_target
+        from ..recipe import Recipe
+
+        schemes = Recipe.from_dict(result["recipe"]).resolve(loaded.model)
+        result["fallbacks"] = get_target(target).check(schemes)
     if distributed.is_main():
         write_json(out, result["recipe"])
     distributed.barrier()

@@ -155,3 +155,20 @@ def get_target(name: str) -> Target:
     if name not in TARGETS:
         raise SpecError(f"target {name!r} is unknown; choose one of {sorted(TARGETS)}")
     return TARGETS[name]
+
+
+def fallbacks_by_target(schemes: dict[str, LayerScheme]) -> dict[str, dict[str, str]]:
+    """Per target, the layers of a quantized model (name -> scheme) that fall back there, with why."""
+    return {name: target.check(schemes) for name, target in TARGETS.items()}
+
+
+def checkpoint_schemes(manifest: dict) -> dict[str, LayerScheme]:
+    """The per-layer schemes a lowbit checkpoint's manifest (lowbit.json) records."""
+    layers = manifest.get("layers")
+    if not isinstance(layers, dict):
+        raise SpecError("lowbit.json has no 'layers' table; is this a lowbit checkpoint?")
+    return {
+        name: LayerScheme.from_dict(entry["scheme"], where=f"lowbit.json layers.{name}.scheme")
+        for name, entry in layers.items()
+        if isinstance(entry, dict) and isinstance(entry.get("scheme"), dict)
+    }

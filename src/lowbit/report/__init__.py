@@ -3,6 +3,7 @@ plan, demo JSON) and optionally a checkpoint (weight histograms with the grid, S
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,26 @@ def _weights(checkpoint: Path | None) -> list[str]:
         for name, values, grid, fmt in views["histograms"]
     ]
     body += '<div class="grid">' + "".join(figs) + "</div>"
-    return [P.section(f"Weights ({checkpoint.name})", body)]
+    return [P.section(f"Weights ({checkpoint.name})", body), _targets(checkpoint)]
+
+
+def _targets(checkpoint: Path) -> str:
+    """Per hardware target, how many of the checkpoint's layers its kernels run and which fall back."""
+    from ..planning.targets import checkpoint_schemes, fallbacks_by_target
+
+    schemes = checkpoint_schemes(json.loads((checkpoint / "lowbit.json").read_text()))
+    rows = []
+    for target, fallbacks in fallbacks_by_target(schemes).items():
+        example = next(iter(fallbacks.items()), None)
+        rows.append([
+            target, len(schemes) - len(fallbacks), len(fallbacks),
+            "-" if example is None else f"{example[0]}: {example[1]}",
+        ])  # fmt: skip
+    return P.section(
+        f"Hardware targets ({checkpoint.name})",
+        P.table(["target", "layers its kernels run", "layers that fall back", "example"], rows)
+        + P.note("A layer that falls back runs on a slower path (or in float) on that target."),
+    )
 
 
 def environment() -> dict[str, Any]:
