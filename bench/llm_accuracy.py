@@ -41,13 +41,20 @@ W8A8 = {
 }
 
 
-def recipe(name: str, weight: dict, algorithm: str, activation: dict | None = None, alpha: str = "auto") -> Recipe:
+def recipe(
+    name: str,
+    weight: dict,
+    algorithm: str,
+    activation: dict | None = None,
+    alpha: str = "auto",
+    act_range: str = "minmax",
+) -> Recipe:
     algorithm, options = VARIANTS.get(algorithm, (algorithm, {}))
     rule = {"types": ["Linear"], "weight": {**weight, "scale_dtype": "float16"}, "algorithm": algorithm}
     if options:
         rule["options"] = options
     if activation is not None:
-        rule["activation"] = activation
+        rule["activation"] = activation if activation["mode"] != "static" else {**activation, "range": act_range}
     if algorithm == "smoothquant":
         rule["options"] = {"alpha": alpha if alpha == "auto" else float(alpha)}
     return Recipe.from_dict({"name": name, "rules": [rule]})
@@ -62,6 +69,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=[*METHODS, *VARIANTS])
     parser.add_argument("--w8a8", nargs="*", default=list(W8A8))
     parser.add_argument("--alpha", default="auto", help="SmoothQuant strength: 'auto' (searched per layer) or a number")
+    parser.add_argument(
+        "--act-range", default="minmax", help="range estimator of static activations (minmax, mse, percentile, ...)"
+    )
     parser.add_argument(
         "--out", type=Path, help="also write the JSON here after every scheme (partial results survive)"
     )
@@ -85,7 +95,11 @@ def main() -> None:
     log(f"float32 {result['perplexity']:.3f}")
     jobs = [(f, m, recipe(f"{f}-{m}", WEIGHT_FORMATS[f], m)) for f in args.formats for m in args.methods]
     jobs += [
-        (name, W8A8[name][0], recipe(name, {"format": "int8", "granularity": "channel"}, *W8A8[name], args.alpha))
+        (
+            name,
+            W8A8[name][0],
+            recipe(name, {"format": "int8", "granularity": "channel"}, *W8A8[name], args.alpha, args.act_range),
+        )
         for name in args.w8a8
     ]
     for scheme, method, rec in jobs:
@@ -118,6 +132,7 @@ def summary(rows: list[dict], result: dict, args) -> dict:
         "eval": {"data": "wikitext-2 test", "tokens": result["tokens"], "seq_len": args.seq_len},
         "calibration": {"data": "wikitext-2 valid", "samples": args.calib_samples, "seq_len": args.seq_len},
         "smoothquant_alpha": args.alpha,
+        "static_activation_range": args.act_range,
         "rows": rows,
         "torch_threads": torch.get_num_threads(),
         "note": "process_peak_rss_mb is the whole process's peak up to that row (ru_maxrss), an upper bound",

@@ -9,11 +9,15 @@ from collections.abc import Callable
 from .errors import SpecError
 from .formats import Binary, Codebook, Float, Format, Int, Log2, NormalFloat, Ternary
 from .granularity import Granularity, PerChannel, PerGroup, PerTensor
+from .ranges import MSE
 from .recipe import ActivationSpec, LayerScheme, Recipe, Rule, SparsitySpec
 from .spec import QuantSpec
 
 DYNAMIC_INT8 = ActivationSpec("dynamic", Int(8))
-STATIC_UINT8 = ActivationSpec("static", Int(8, symmetric=False))
+# Static activation ranges by MSE search, not min-max: on SmolLM2 (W8A8 + SmoothQuant 0.5, 32 x 512
+# calibration) 28.448 vs 29.810 perplexity (float 24.938); percentile 99.99 clips the model's
+# rare huge activations and gets 59.958 (bench/results/llm_accuracy_w8a8_mse.json, closing notes).
+STATIC_UINT8 = ActivationSpec("static", Int(8, symmetric=False), range=MSE())
 # The output head and embedding tables of the weight-only presets: int8 per row (per output
 # channel of the head). A tied LM head is read in full for every decoded token; in float it is
 # often the largest single read of a 4-bit model (SmolLM2: 113 MB of 169 MB).
