@@ -170,3 +170,20 @@ def test_demo_json_contract(tmp_path):
         assert row["size_mb"] > 0 and row["latency_ms"] > 0 and row["bits_per_weight"] > 0
     assert by[("builtin:minilm", "w4-g128")]["size_mb"] < by[("builtin:minilm", "w8-weight")]["size_mb"]
     assert (tmp_path / "lowbit-demo-report.html").stat().st_size > 10_000  # the demo writes its report
+
+
+def test_plan_with_the_fisher_estimate_for_a_target(tiny_bert_dir, tmp_path):
+    """`lowbit plan --method fisher --target arm`: Fisher table over the grid the target runs, a
+    recipe that quantizes, latency estimates, and no layer that falls back."""
+    out = tmp_path / "plan.json"
+    result = run("plan", str(tiny_bert_dir), "--avg-bits", "6", "--method", "fisher", "--target", "arm",
+                 "--samples", "2", "--no-verify", "--out", str(out), "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["target"] == "arm" and info["fallbacks"] == {}
+    assert set(info["plan"]["counts"]) <= {"w8-weight", "w4-g32", "w4-g64", "w4-g128", "fp16"}  # arm: int4/int8, fp16
+    assert info["plan"]["bits_per_weight"] <= 6 and info["plan"]["latency_ms"] > 0 and info["latency_front"]
+    q = run("quantize", str(tiny_bert_dir), "--recipe", str(out), "--target", "arm", "--out", str(tmp_path / "q"),
+            "--json")  # fmt: skip
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout)["fallbacks"] == {}
