@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats import Float, Int
-from ..granularity import PerChannel, PerGroup, PerToken
+from ..formats import Float
+from ..granularity import PerChannel, PerToken
 from ..primitives import choose_qparams, quantize
 from . import prepacked, reference, register_kernel
 from .cpu_int8 import activation_supported, portable_linear_rows, weight_supported
+from .torch_weightonly import int4_groups, int4_scales_and_zeros
 
 SELF_CHECK_TOL = 0.03  # relative L2 error vs the reference (bf16 outputs carry ~0.4%)
 CUBLAS_MIN_ROWS = 32  # torch._int_mm on CUDA needs more than 16 rows
@@ -164,11 +165,8 @@ def tinygemm_pack(codes: torch.Tensor) -> torch.Tensor:
 
 
 def tinygemm_params(module: nn.Module) -> torch.Tensor:
-    """[groups, N, 2] (scale, zf) with w = (q - 8) * scale + zf, in bf16."""
-    fmt: Int = module.weight_format
-    scale = module.scale.float()
-    zero = module.zero_point.float() if module.zero_point is not None else torch.full_like(scale, float(-fmt.qmin))
-    return torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    """[groups, N, 2] (scale, zf) with w = (q - 8) * scale + zf, in bf16 (tinygemm's dtype)."""
+    return int4_scales_and_zeros(module).to(torch.bfloat16)
 
 
 def int4_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +190,9 @@ def int4_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_ok(module: nn.Module, x: torch.Tensor) -> bool:
-    fmt, gran = module.weight_format, module.weight_granularity
-    if not (isinstance(fmt, Int) and fmt.bits == 4 and isinstance(gran, PerGroup) and len(module.weight_shape) == 2):
+    if not int4_groups(module):
         return False
+    gran = module.weight_granularity
     n, k = module.weight_shape
     return (
         _on_gpu(module, x, "cuda-int4")

@@ -60,10 +60,24 @@ def int8pack_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _int4_ok(module: nn.Module, x: torch.Tensor) -> bool:
+def int4_groups(module: nn.Module) -> bool:
+    """A 2-D weight of 4-bit integer codes with group scales (what torch's int4 ops take)."""
     fmt, gran = module.weight_format, module.weight_granularity
-    if not (isinstance(fmt, Int) and fmt.bits == 4 and isinstance(gran, PerGroup) and len(module.weight_shape) == 2):
+    return isinstance(fmt, Int) and fmt.bits == 4 and isinstance(gran, PerGroup) and len(module.weight_shape) == 2
+
+
+def int4_scales_and_zeros(module: nn.Module) -> torch.Tensor:
+    """[groups, N, 2] fp32 (scale, zf) for torch's int4 ops, which decode w = (q - 8) * scale + zf."""
+    fmt: Int = module.weight_format
+    scale = module.scale.float()
+    zero = module.zero_point.float() if module.zero_point is not None else torch.full_like(scale, float(-fmt.qmin))
+    return torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+
+
+def _int4_ok(module: nn.Module, x: torch.Tensor) -> bool:
+    if not int4_groups(module):
         return False
+    gran = module.weight_granularity
     n, k = module.weight_shape
     return (
         module.op == "linear"
@@ -78,7 +92,6 @@ def _int4_ok(module: nn.Module, x: torch.Tensor) -> bool:
                  acts={"none"}, devices={"cpu"}, priority=5, available=_int4_ok)  # fmt: skip
 def int4pack_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """int4 group weights through ``aten._weight_int4pack_mm_for_cpu``."""
-    fmt: Int = module.weight_format
     group = module.weight_granularity.size
 
     def build(m: nn.Module) -> torch.Tensor:
@@ -86,13 +99,10 @@ def int4pack_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         codes = m.qweight.codes().reshape(n, k).to(torch.int32)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
 
-    def params(m: nn.Module) -> torch.Tensor:
-        scale = m.scale.float()
-        zero = m.zero_point.float() if m.zero_point is not None else torch.full_like(scale, float(-fmt.qmin))
-        return torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
-
     packed = prepacked(module, "torch-int4pack", build)
-    scales_and_zeros = prepacked(module, f"torch-int4pack-params-{x.dtype}", lambda m: params(m).to(x.dtype))
+    scales_and_zeros = prepacked(
+        module, f"torch-int4pack-params-{x.dtype}", lambda m: int4_scales_and_zeros(m).to(x.dtype)
+    )
     x2, bias = _prepare(module, x)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group, scales_and_zeros)
     if bias is not None:

@@ -9,7 +9,7 @@ than accuracy on small sets; with labels, the drop of the expected accuracy, the
 probability of the true class). The table is cached on disk, keyed by model digest, candidates
 and data. The blocks before a layer's block are replayed from their recorded float outputs
 (``replay``), not recomputed. Method "fisher" estimates the end-to-end damages instead, from one
-backward pass per batch (fisher.py): on an LLM, seconds for a fine grid of candidates where
+backward pass per batch (fisher.py, fisher_table.py): on an LLM, minutes for a fine grid where
 measuring takes an hour for four.
 """
 
@@ -39,7 +39,6 @@ from ..quantize import build_layer, stats_needed
 from ..recipe import LayerScheme, Recipe, Rule
 from ..sequential import find_blocks
 from ..sparse import magnitude_mask, n_m_mask
-from .fisher import estimated_damage, fisher_diagonal
 from .latency import latency_batch, layer_latencies
 from .replay import BlockReplay
 from .targets import get_target
@@ -139,7 +138,7 @@ def metric_outputs(kind: str, model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _operating_point(
+def operating_point(
     model: nn.Module, layers: list[str], scheme: LayerScheme | None, stats: dict
 ) -> Iterator[dict[str, nn.Module]]:
     """Yields the float layers by name; while inside, each is replaced by its ``scheme``
@@ -191,11 +190,11 @@ def _measure_pairs(
                 damage = metric.damage(model, replay if block is not None and checked[block] else None)
             finally:
                 set_submodule(model, name, present)
-        local[index] = _option(original, quantized, stats.get(name), damage)
+        local[index] = table_option(original, quantized, stats.get(name), damage)
     return distributed.gather(local, len(pairs))
 
 
-def _option(original: nn.Module, quantized: nn.Module, stats, damage: float | None) -> dict[str, Any]:
+def table_option(original: nn.Module, quantized: nn.Module, stats, damage: float | None) -> dict[str, Any]:
     """One table entry: stored bytes, bits per weight, layer output error, damage."""
     bias = 0 if quantized.bias is None else quantized.bias.numel() * quantized.bias.element_size()
     return {
@@ -204,86 +203,6 @@ def _option(original: nn.Module, quantized: nn.Module, stats, damage: float | No
         "layer_error": layer_error(original, quantized, None if stats is None else stats.samples),
         "damage": damage,
     }
-
-
-def _fisher_pairs(
-    loaded: Loaded,
-    floats: dict[str, nn.Module],
-    pairs: list[tuple[str, str]],
-    schemes: dict[str, LayerScheme],
-    stats: dict,
-    batches: list[Any],
-    progress: Callable[[str, int, int], None] | None,
-) -> list[dict[str, Any]]:
-    """Per (layer, candidate): the table entry with the damage estimated from the Fisher /
-    Gauss-Newton diagonal (planning/fisher.py), one backward pass per batch for all of them."""
-    if progress is not None:
-        progress("Fisher diagonal (one backward pass per batch)", 0, len(pairs))
-    diagonal, units = fisher_diagonal(
-        loaded.kind, loaded.model, batches, floats, lambda m, b: metric_outputs(loaded.kind, m, b)
-    )
-    out = []
-    for index, (name, cand) in enumerate(pairs):
-        if progress is not None:
-            progress(f"{name} {cand}", index, len(pairs))
-        original = floats[name]
-        quantized = quantize_one(original, name, schemes[cand], stats.get(name))
-        replaced = quantized.qweight.dequantize(torch.float32)
-        out.append(
-            _option(
-                original, quantized, stats.get(name), estimated_damage(diagonal[name], units, original.weight, replaced)
-            )
-        )
-    return out
-
-
-def _calibrate_fisher(
-    model: nn.Module,
-    layers: list[str],
-    names: list[str],
-    pairs: list[tuple[str, str]],
-    options: list[dict[str, Any]],
-    schemes: dict[str, LayerScheme],
-    stats: dict,
-    metric: Metric,
-    progress: Callable[[str, int, int], None] | None,
-) -> dict[str, dict[str, float]]:
-    """Per candidate, measure the damage of quantizing every layer with it (one evaluation each)
-    and scale that candidate's estimates so they sum to it. The quadratic model is right within
-    ~20% from 3 to 8 bits on SmolLM2 but under-prices 2-bit grids about twice (far from float the
-    damage grows faster than quadratically); the scale carries that into the plan. A measurement
-    that is not positive (noise at the float model's level) leaves the estimates as they are."""
-    out = {}
-    for index, cand in enumerate(names):
-        if progress is not None:
-            progress(f"every layer {cand}", index, len(names))
-        estimated = sum(o["damage"] for (_, c), o in zip(pairs, options, strict=True) if c == cand)
-        with _operating_point(model, layers, schemes[cand], stats):
-            measured = metric.damage(model)
-        scale = measured / estimated if measured > 0 and estimated > 0 else 1.0
-        for (_, c), option in zip(pairs, options, strict=True):
-            if c == cand:
-                option["damage"] *= scale
-        out[cand] = {"uniform_damage": measured, "estimated": estimated, "scale": scale}
-    return out
-
-
-def _check_fisher(names: list[str], schemes: dict[str, LayerScheme], base: str | None, labels) -> None:
-    """The Fisher estimate prices weight changes around the float model, with the KL / cosine metrics."""
-    if base is not None:
-        raise SpecError(
-            "the Fisher estimate is taken around the float model; an operating point (--base) needs method 'measured'"
-        )
-    if labels is not None:
-        raise SpecError(
-            "the Fisher estimate prices KL or 1 - cosine; the expected-accuracy drop needs method 'measured'"
-        )
-    acts = [n for n in names if schemes[n].activation.mode != "none"]
-    if acts:
-        raise SpecError(
-            f"the Fisher estimate prices weight changes only; {acts} quantize activations: use method 'measured' "
-            "or weight-only candidates"
-        )
 
 
 def _kl(out: torch.Tensor, ref_logp: torch.Tensor) -> float:
@@ -378,7 +297,9 @@ def measure(
         raise SpecError(f"the base scheme {base!r} must be one of the candidates {names}")
     schemes = {n: candidate_scheme(n) for n in names}
     if method == "fisher":
-        _check_fisher(names, schemes, base, labels)
+        from .fisher_table import calibrate_fisher, check_fisher, fisher_options  # (they use this module)
+
+        check_fisher(names, schemes, base, labels)
     model = loaded.model
     layers = list(Recipe(name="all", rules=(Rule(schemes[names[0]], types=("Linear", "Conv2d")),)).resolve(model))
     if not layers:
@@ -401,12 +322,12 @@ def measure(
     base_damage, calibration = None, None
     if method == "fisher":
         floats = {n: model.get_submodule(n) for n in layers}
-        options = _fisher_pairs(loaded, floats, pairs, schemes, stats, calib + evaluation, progress)
+        options = fisher_options(loaded, floats, pairs, schemes, stats, calib + evaluation, progress)
         metric = Metric(loaded.kind, model, evaluation)
-        calibration = _calibrate_fisher(model, layers, names, pairs, options, schemes, stats, metric, progress)
+        calibration = calibrate_fisher(model, layers, names, pairs, options, schemes, stats, metric, progress)
     else:
         metric = Metric(loaded.kind, model, evaluation, labels)
-        with _operating_point(model, layers, None if base is None else schemes[base], stats) as floats:
+        with operating_point(model, layers, None if base is None else schemes[base], stats) as floats:
             base_damage = None if base is None else metric.damage(model)
             options = _measure_pairs(model, floats, pairs, schemes, stats, metric, base, base_damage, progress)
     table: dict[str, Any] = {}
