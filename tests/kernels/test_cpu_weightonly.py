@@ -211,7 +211,7 @@ FALLBACKS = [
 @pytest.mark.parametrize(("name", "fn", "fmt", "gran", "scale_dtype"), FALLBACKS, ids=[f[0] for f in FALLBACKS])
 def test_torch_fallbacks_match_reference(name, fn, fmt, gran, scale_dtype):
     module = _module(fmt, gran, scale_dtype, 48, 256, bias=True, smooth=True)
-    for m in (1, 5, 64):
+    for m in (1, 3, torch_weightonly.MAX_ROWS):
         for dtype, floor in ((torch.float32, 80.0), (torch.bfloat16, 40.0)):
             x = _input(m, 256, three_d=True, dtype=dtype)
             assert torch_weightonly._int8_ok(module, x) or torch_weightonly._int4_ok(module, x)
@@ -228,6 +228,9 @@ def test_torch_fallbacks_refuse_shapes_torch_cannot_run():
     assert not torch_weightonly._int4_ok(_module(Int(4), PerGroup(64), "float16", 33, 256, False, False), x)
     x = torch.randn(1, 300)
     assert not torch_weightonly._int4_ok(_module(Int(4), PerGroup(128), "float16", 32, 300, False, False), x)
+    many = torch.randn(torch_weightonly.MAX_ROWS + 1, 256)  # GEMV kernels: many rows go to dequantize + matmul
+    assert not torch_weightonly._int8_ok(_module(Int(8), PerChannel(), "float32", 32, 256, False, False), many)
+    assert not torch_weightonly._int4_ok(_module(Int(4), PerGroup(64), "float16", 32, 256, False, False), many)
 
 
 def test_native_off_selects_torch_fallbacks():

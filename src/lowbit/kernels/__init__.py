@@ -79,7 +79,7 @@ def _load() -> None:
     if not _LOADED:
         _LOADED = True
         # Importing registers; each module checks its own availability (device, CPU features).
-        from . import cpu_int8, cpu_weightonly, cuda, reference  # noqa: F401
+        from . import cpu_avx2, cpu_int8, cpu_weightonly, cuda, reference  # noqa: F401
 
 
 def prepacked(module: nn.Module, key: str, build: Callable[[nn.Module], object]) -> object:

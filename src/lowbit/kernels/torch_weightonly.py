@@ -18,6 +18,14 @@ from . import prepacked, register_kernel
 
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 INT4_GROUPS = (32, 64, 128, 256)
+# torch's CPU int8/int4 weight-only ops are GEMV kernels: on a Zen 3 (AVX2) at 576 x 1536 they took
+# 262-455 ms for 512 rows where dequantize + matmul (the reference) took 7-10 ms, and were slower
+# than the reference from 8 rows on. More rows go to the next kernel.
+MAX_ROWS = 4
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.numel() <= MAX_ROWS * x.shape[-1]
 
 
 def _prepare(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -40,6 +48,7 @@ def _int8_ok(module: nn.Module, x: torch.Tensor) -> bool:
         and len(module.weight_shape) == 2
         and module.weight_shape[1] % 16 == 0  # torch's bf16 path reads past K otherwise
         and x.dtype in FLOAT_INPUTS
+        and _few_rows(x)
     )
 
 
@@ -85,6 +94,7 @@ def _int4_ok(module: nn.Module, x: torch.Tensor) -> bool:
         and k % gran.size == 0
         and n % 16 == 0
         and x.dtype in FLOAT_INPUTS
+        and _few_rows(x)
     )
 
 

@@ -1,0 +1,137 @@
+"""Weight-only linear kernel for x86 CPUs with AVX2 + FMA but no AVX-512 (``csrc_avx2/``).
+
+Integer weights of 1-8 bits, per group (a multiple of 32 inputs), per output channel or per tensor,
+with any zero point (integer or fractional): codes are decoded to fp32 in registers and multiplied
+with the float activations, so the float weight never exists for a few tokens (decode); from
+``DEQUANT_FROM`` tokens on, slabs of rows are dequantized to fp32 and multiplied by at::mm.
+Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes. On AVX-512 machines
+the VNNI kernels (priority 10) run first; these cover the other x86 CPUs (Zen 1-3, older Intel).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..formats import Int
+from ..granularity import PerChannel, PerGroup, PerTensor
+from . import register_kernel
+from .build import load_avx2
+from .cpu_weightonly import _packed
+
+BLOCK = 32  # inputs per code block of the kernel
+DEQUANT_FROM = 40  # tokens from which fp32 slabs + at::mm beat the register-decoding GEMV (measured on a Zen 3)
+FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+LAYOUTS = {
+    f"{Int(b, symmetric, full).name}/{gran}"
+    for b in range(1, 9)
+    for symmetric in (True, False)
+    for full in (False, True)
+    if not (symmetric and b == 1 and not full) and not (full and not symmetric)
+    for gran in ("group", "channel", "tensor")
+}
+
+
+@dataclass(frozen=True)
+class Avx2Weight:
+    """A layer's weight as the AVX2 kernel reads it: value = scale * (code - zero) per group."""
+
+    codes: torch.Tensor  # uint8 [N, Kp] (bits 8) or [N, Kp / 2] nibble blocks (bits 4)
+    scale: torch.Tensor  # float32 [N, groups]
+    zero: torch.Tensor  # float32 [N, groups], in code units
+    bits: int  # 8 or 4: the storage width of one code
+    group: int  # inputs per group, a multiple of 32
+    n: int
+
+
+def _padded(k: int) -> int:
+    return -(-k // BLOCK) * BLOCK
+
+
+def nibble_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """[N, Kp] codes < 16 -> [N, Kp / 2] bytes: in each block of 32, byte j = code j | code (j + 16) << 4."""
+    n, kp = codes.shape
+    blocks = codes.reshape(n, kp // BLOCK, 2, BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+
+
+def build_weight(module: nn.Module) -> Avx2Weight:
+    """The kernel's layout of ``module``'s weight (built once per module, see ``prepacked``)."""
+    fmt: Int = module.weight_format
+    gran = module.weight_granularity
+    n, k = module.weight_shape
+    kp = _padded(k)
+    codes = module.qweight.codes().reshape(n, k)
+    if kp != k:
+        codes = torch.nn.functional.pad(codes, (0, kp - k))
+    group = gran.size if isinstance(gran, PerGroup) else kp
+    groups = -(-kp // group)
+    rows, cols = (1 if isinstance(gran, PerTensor) else n), (groups if isinstance(gran, PerGroup) else 1)
+    scale = module.scale.float().reshape(rows, cols).expand(n, groups)
+    if module.zero_point is not None:
+        zero = module.zero_point.float().reshape(rows, cols).expand(n, groups)
+    else:
+        zero = torch.full((n, groups), float(-fmt.qmin))
+    bits = 8 if fmt.bits > 4 else 4
+    stored = codes.contiguous() if bits == 8 else nibble_blocks(codes)
+    return Avx2Weight(stored, scale.contiguous(), zero.contiguous(), bits, group, n)
+
+
+def weight_supported(module: nn.Module) -> bool:
+    """Integer weights of a 2-D linear layer in a grouping the kernel reads (fixed per module)."""
+    ok = module.__dict__.get("_cpu_avx2_ok")
+    if ok is None:
+        fmt, gran = module.weight_format, module.weight_granularity
+        ok = (
+            module.op == "linear"
+            and len(module.weight_shape) == 2
+            and isinstance(fmt, Int)
+            and module.scale is not None
+            and (
+                (isinstance(gran, PerGroup) and gran.size % BLOCK == 0)
+                or (isinstance(gran, PerChannel) and gran.axis in (0, -2))
+                or isinstance(gran, PerTensor)
+            )
+        )
+        module.__dict__["_cpu_avx2_ok"] = ok
+    return ok
+
+
+@functools.cache
+def _ready() -> bool:
+    """The AVX2 library loaded, with the op's fake implementation registered (for torch.compile)."""
+    if not load_avx2():
+        return False
+
+    @torch.library.register_fake("lowbit_avx2::wo_linear")
+    def _linear_fake(x, codes, scale, zero, bits, group, n, dequant_from):
+        return x.new_empty(x.shape[0], n)
+
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _ready_traced() -> bool:
+    return _ready()
+
+
+def _available(module: nn.Module, x: torch.Tensor) -> bool:
+    ready = _ready_traced() if torch.compiler.is_compiling() else _ready()
+    return ready and x.dtype in FLOAT_INPUTS and weight_supported(module)
+
+
+@register_kernel("linear", "cpu-avx2", layouts=LAYOUTS, acts={"none"}, devices={"cpu"}, priority=8,
+                 available=_available)  # fmt: skip
+def avx2_linear(module: nn.Module, x: torch.Tensor, dequant_from: int = DEQUANT_FROM) -> torch.Tensor:
+    """y = x W^T + b over the last dimension of ``x`` (any leading shape), fp32 inside."""
+    w: Avx2Weight = _packed(module, "cpu-avx2", build_weight)
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    if module.input_smooth is not None:
+        x2 = x2 / module.input_smooth.float()
+    y = torch.ops.lowbit_avx2.wo_linear(x2.contiguous(), w.codes, w.scale, w.zero, w.bits, w.group, w.n, dequant_from)
+    if module.bias is not None:
+        y = y + module.bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], w.n)
