@@ -110,8 +110,11 @@ def main() -> None:
     repeat = 5 if args.quick else 15
     roofline = wo.dram_roofline_gbs()
     peak = peak_gops(3 if args.quick else 5)
+    from lowbit.kernels.build import load_avx2
+
     result = {"threads": torch.get_num_threads(), "native_kernels": kernels.native_available(),
-              "dram_roofline_gbs": round(roofline, 2), "peak_gops": peak, "layers": []}  # fmt: skip
+              "avx2_kernels": load_avx2(), "dram_roofline_gbs": round(roofline, 2), "peak_gops": peak,
+              "layers": []}  # fmt: skip
     shapes = wo.SHAPES[:1] if args.quick else wo.SHAPES
     for n, k in shapes:
         for m in (1, 256):

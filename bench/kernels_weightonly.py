@@ -79,7 +79,7 @@ def _row(name: str, ms: float, m: int, n: int, k: int, nbytes: int, roofline: fl
 def _packed_bytes(module: QLinear) -> int:
     """Bytes the native kernel reads per call: its packed codes, scales, zeros (and codebook)."""
     (_, packed), *_ = module._kernel_cache.values()
-    parts = [getattr(packed, f, None) for f in ("codes", "scales", "zeros", "codebook")]
+    parts = [getattr(packed, f, None) for f in ("codes", "scales", "zeros", "scale", "zero", "codebook")]
     return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 

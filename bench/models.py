@@ -162,8 +162,10 @@ def main() -> None:
     parser.add_argument("--smollm-recipes", nargs="+", default=list(SMOLLM_RECIPES), help="SmolLM2 rows next to fp32")
     args = parser.parse_args()
     seconds = 0.5 if args.quick else 2.0
+    from lowbit.kernels.build import load_avx2
+
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-              "native_kernels": lowbit.kernels.native_available()}  # fmt: skip
+              "native_kernels": lowbit.kernels.native_available(), "avx2_kernels": load_avx2()}  # fmt: skip
     if not args.skip_minilm:
         result["minilm"] = minilm(100 if args.quick else 500, seconds, not args.no_compile)
     if not args.skip_smollm:
