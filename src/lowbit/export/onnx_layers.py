@@ -195,6 +195,8 @@ class OnnxLinear(_Exported):
             act_name = "dynamic-ort" if self.ort else act_name
         if self.route in ("qdq", "integer"):
             codes, scale, zero = qdq_weight(qt)
+            if self.route == "integer":  # uint8 codes + 128 (zero point 128): see IntegerMatMul
+                codes = (codes.to(torch.int16) + 128).to(torch.uint8)
             self.register_buffer("codes", codes.t().contiguous())
             self.register_buffer("scale", scale)
             self.register_buffer("zero", zero)

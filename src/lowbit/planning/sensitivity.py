@@ -206,8 +206,9 @@ def table_option(original: nn.Module, quantized: nn.Module, stats, damage: float
 
 
 def _kl(out: torch.Tensor, ref_logp: torch.Tensor) -> float:
-    """Mean over rows of KL(float || quantized), from the quantized logits and the float log-probs."""
-    return float(F.kl_div(F.log_softmax(out, -1), ref_logp, log_target=True, reduction="batchmean"))
+    """Mean over rows of KL(float || quantized), from the quantized logits and the float log-probs;
+    never below 0 (a near-lossless layer's fp32 rounding can otherwise give -1e-9)."""
+    return max(0.0, float(F.kl_div(F.log_softmax(out, -1), ref_logp, log_target=True, reduction="batchmean")))
 
 
 def quantize_one(layer: nn.Module, name: str, scheme: LayerScheme, stats) -> nn.Module:
