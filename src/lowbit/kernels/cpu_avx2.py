@@ -21,19 +21,12 @@ from ..formats import Int
 from ..granularity import PerChannel, PerGroup, PerTensor
 from . import reference, register_kernel
 from .build import load_avx2
-from .cpu_weightonly import _packed
+from .cpu_weightonly import _int_names, _layouts, _packed
 
 BLOCK = 32  # inputs per code block of the kernel
 DEQUANT_FROM = 40  # tokens from which fp32 slabs + at::mm beat the register-decoding GEMV (measured on a Zen 3)
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
-LAYOUTS = {
-    f"{Int(b, symmetric, full).name}/{gran}"
-    for b in range(1, 9)
-    for symmetric in (True, False)
-    for full in (False, True)
-    if not (symmetric and b == 1 and not full) and not (full and not symmetric)
-    for gran in ("group", "channel", "tensor")
-}
+LAYOUTS = _layouts(_int_names(range(1, 9)))  # every integer format, per group / channel / tensor
 
 
 @dataclass(frozen=True)
