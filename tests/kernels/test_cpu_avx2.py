@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from test_cpu_weightonly import _module  # the same random layers as the AVX-512 kernel tests
 
 from lowbit import kernels
 from lowbit.algorithms.hqq import hqq_quantize
@@ -45,15 +46,6 @@ CASES = [
     ("w6-channel", Int(6), PerChannel(), "float32"),
     ("w5-asym-g32", Int(5, symmetric=False), PerGroup(32), "float16"),
 ]
-
-
-def _module(fmt, gran, scale_dtype: str, n: int, k: int, bias: bool, smooth: bool, seed: int = 0) -> QLinear:
-    gen = torch.Generator().manual_seed(seed)
-    qt = QTensor.quantize(torch.randn(n, k, generator=gen), QuantSpec(fmt, gran, scale_dtype=scale_dtype))
-    module = QLinear(qt, ActivationSpec(), torch.randn(n, generator=gen) if bias else None)
-    if smooth:
-        module.set_input_smooth(torch.rand(k, generator=gen) + 0.5)
-    return module
 
 
 def _check(module: QLinear, label: str, three_d: bool) -> None:
