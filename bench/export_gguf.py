@@ -32,6 +32,14 @@ def llama_cpp_perplexity(path: Path, ids: torch.Tensor, seq_len: int, threads: i
     """Perplexity of the GGUF file in llama.cpp over the same disjoint windows lowbit scores."""
     import llama_cpp
 
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():  # no AMX weight repacking: it segfaults on some machines (ggml-org/llama.cpp#20824)
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
     llm = llama_cpp.Llama(str(path), n_ctx=seq_len, n_batch=seq_len, logits_all=True, verbose=False, n_threads=threads)
     nll, scored, start = 0.0, 0, time.perf_counter()
     for begin, end, first in windows(ids.numel(), seq_len, seq_len):

@@ -268,10 +268,25 @@ def test_cli_export_gguf(q4_export, tmp_path):
     assert bad.returncode == 2 and "missing" in bad.stderr
 
 
-def test_llama_cpp_runs_the_export(q4_export):
+def _llama_without_amx(llama_cpp, monkeypatch, *args, **kwargs):
+    """A llama_cpp.Llama that keeps weights in llama.cpp's plain CPU buffers: its AMX repacking
+    (extra buffer types, used on Sapphire Rapids and later) segfaults in ggml_backend_amx_mul_mat
+    on some machines (ggml-org/llama.cpp#20824; seen here on every export, tiny or 512 wide)."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", params)
+    return llama_cpp.Llama(*args, **kwargs)
+
+
+def test_llama_cpp_runs_the_export(q4_export, monkeypatch):
     llama_cpp = pytest.importorskip("llama_cpp")
     _, out, _, model = q4_export
-    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm = _llama_without_amx(llama_cpp, monkeypatch, str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     ids = [5, 17, 42, 99, 180, 250, 7, 64]
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
