@@ -309,8 +309,12 @@ def test_cli_export_onnx(checkpoints, tmp_path, capsys):
 
 @pytest.mark.slow
 # int8-dynamic-rtn: the int8-dynamic graph without SmoothQuant's calibration (minutes on MiniLM);
-# the SmoothQuant divisors are covered on the tiny BERT above.
-@pytest.mark.parametrize("recipe, floor", [("w4-g128", 0.99999), ("int8-dynamic-rtn", 0.999)])
+# the SmoothQuant divisors are covered on the tiny BERT above. Its floor is lower: ORT's float ops
+# (LayerNorm, Erf, attention) differ from torch's by ulps, an activation code near a rounding tie
+# flips, and per-token scales carry the flip on through the layers. On a Xeon with AMX the first
+# flip came in layer 1's FFN (all codes before it equal), and by layer 5 codes differed by up to 17
+# steps; min cosine 0.9978 (0.999+ on AMD Zen 4).
+@pytest.mark.parametrize("recipe, floor", [("w4-g128", 0.99999), ("int8-dynamic-rtn", 0.995)])
 def test_minilm_sentence_embeddings_match(tmp_path, monkeypatch, recipe, floor):
     """MiniLM: cosine of mean-pooled sentence embeddings, onnxruntime vs lowbit (reference kernels)."""
     monkeypatch.setenv("LOWBIT_KERNEL", "reference")
