@@ -93,6 +93,34 @@ def test_per_token_codes_equal_primitives(shape, smooth, dtype):
 
 
 @native
+@pytest.mark.parametrize("smooth", ["none", "moderate", "extreme"])
+def test_per_token_codes_near_rounding_ties_equal_primitives(smooth):
+    """The kernel divides by multiplying with reciprocals plus one FMA correction (Markstein); the
+    codes must still be the IEEE division's, also next to .5 ties and for divisors whose
+    reciprocal is not a normal number (those lanes divide)."""
+    torch.manual_seed(0)
+    rows, K = 600, 257
+    scale = torch.rand(rows, 1) * 3 + 1e-3
+    ties = (torch.randint(-126, 126, (rows, K)) + 0.5) * scale
+    ulp = torch.randint(-2, 3, (rows, K)).float()
+    x = torch.nextafter(ties, ties + ulp)  # the ties themselves and their neighbours
+    x[:, 0] = 127 * scale[:, 0]  # fixes each row's scale
+    s = None
+    if smooth == "moderate":
+        s = torch.rand(K) * 4 + 0.01
+        x = x * s
+    elif smooth == "extreme":
+        s = torch.rand(K) + 0.5
+        s[:8] = torch.tensor([1.0, 1e-38, 3e-39, 2e38, 1e30, 1e-30, 0.1, 3.0])  # 3e-39, 2e38: no normal reciprocal
+        x[:, 1:8] = x[:, 1:8] / 400 * s[1:8]  # x / s stays finite
+    seen = x if s is None else x / s
+    qp = choose_qparams(seen, Int(8), PerToken())
+    codes, scales = torch.ops.lowbit.w8a8_quantize(x, s, None, None)
+    assert torch.equal(scales, qp.scale.reshape(scales.shape))
+    assert torch.equal(codes.to(torch.int16) - 128, quantize(seen, Int(8), qp, PerToken()).to(torch.int16) - 127)
+
+
+@native
 def test_per_token_codes_edge_rows():
     x = torch.tensor(
         [
