@@ -150,15 +150,15 @@ class IntegerMatMul(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, codes, scale, act: ActQuant, ort: bool):
-        weight_zero = _const(g, 128, torch.uint8)
+        zero = _const(g, 128, torch.uint8)  # the weight codes' zero point, and lowbit's activations' below
         if ort:
             xq, xs, xz = g.op("DynamicQuantizeLinear", x, outputs=3)
-            acc = g.op("Cast", g.op("MatMulInteger", xq, codes, xz, weight_zero), to_i=Onnx.FLOAT)
+            acc = g.op("Cast", g.op("MatMulInteger", xq, codes, xz, zero), to_i=Onnx.FLOAT)
             return g.op("Mul", acc, g.op("Mul", xs, scale))
         s = dynamic_scale(g, x, act)
         q = g.op("Add", _round_clip(g, g.op("Div", x, s), act.fmt), _const(g, 128.0))
         xq = g.op("Cast", q, to_i=Onnx.UINT8)
-        acc = g.op("Cast", g.op("MatMulInteger", xq, codes, _const(g, 128, torch.uint8), weight_zero), to_i=Onnx.FLOAT)
+        acc = g.op("Cast", g.op("MatMulInteger", xq, codes, zero, zero), to_i=Onnx.FLOAT)
         return g.op("Mul", g.op("Mul", acc, s), scale)
 
 

@@ -6,7 +6,9 @@ with the float activations, so the float weight never exists for a few tokens (d
 ``DEQUANT_FROM`` tokens on, slabs of rows are dequantized to fp32 and multiplied by at::mm.
 Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes. On AVX-512 machines
 the VNNI kernels (priority 10) run first; these cover the other x86 CPUs (Zen 1-3, older Intel).
-``cpu-avx2-w8a8`` runs W8A8 layers there on fake-quantized activations (see its docstring).
+``cpu-avx2-w8a8`` runs W8A8 layers there on fake-quantized activations (see its docstring); on
+AVX-512 machines it also takes the W8A8 layers the VNNI kernel refuses (e.g. per-tensor dynamic
+activations), which would otherwise fall to the reference.
 """
 
 from __future__ import annotations
