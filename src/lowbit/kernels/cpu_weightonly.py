@@ -39,7 +39,7 @@ def _prefill_from() -> int:
 
     16 on an AMD Zen 4 (bench/kernels_weightonly.py). On an Intel Xeon with AMX the GEMV wins up to
     about 96 rows at every shape measured (384x1536 ... 4096x4096, w8 and w4-g128; 4096x4096 w8 at 32
-    rows: GEMV 2.36 ms, dequantize + matmul 5.74 ms); there the dequantization on every call costs about
+    rows: GEMV 2.36 ms, dequantize + matmul 5.74 ms); there the dequantize + matmul path costs about
     0.25-0.4 ms per MiniLM-sized layer and 5.6 ms at 4096x4096 even for 8 rows. MiniLM w8-weight,
     1 x 32 tokens, eager: 10.6 ms with 16, 5.6 ms with 96 (fp32: 6.6-8 ms). AMX marks such Xeons
     (Sapphire Rapids and later); other CPUs keep the measured 16."""
