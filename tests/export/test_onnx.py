@@ -28,7 +28,8 @@ TOL = {
     "int8-dynamic-rtn": 2e-2,
     "smoothquant-0.5": 2e-2,  # int8-dynamic with a fixed alpha (no search): input_smooth divisors in the graph
     "w8a8-static": 2e-2,
-    "w3-g128-hqq": 1e-5,  # 3-bit codes widened to 4, fractional (float) zero points
+    "w3-g128-hqq": 1e-5,  # 3-bit codes widened to 4
+    "w3-g128-hqq-float": 1e-5,  # HQQ's fractional (float) zero points
     "w4-g128-2of4": 1e-5,  # pruned weights written as the code of 0
     "w4a8": 2e-2,  # MatMulNBits after per-token activation quantization
 }
@@ -50,14 +51,21 @@ def tiny_bert() -> Loaded:
     return Loaded(BertModel(cfg).eval(), "encoder", "tiny-bert", meta=meta)
 
 
+VARIANTS = {
+    "smoothquant-0.5": ("int8-dynamic", {"alpha": 0.5}),
+    "w3-g128-hqq-float": ("w3-g128-hqq", {"zero": "float"}),
+}
+
+
 def _recipe(name: str):
-    if name != "smoothquant-0.5":
+    if name not in VARIANTS:
         return name
     from lowbit.presets import get_preset
     from lowbit.recipe import Recipe
 
-    data = get_preset("int8-dynamic").to_dict()
-    data["name"], data["rules"][0]["options"] = name, {"alpha": 0.5}
+    preset, options = VARIANTS[name]
+    data = get_preset(preset).to_dict()
+    data["name"], data["rules"][0]["options"] = name, options
     return Recipe.from_dict(data)
 
 

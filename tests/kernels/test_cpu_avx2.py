@@ -77,7 +77,9 @@ def test_avx2_runs_fractional_zero_points():
     """HQQ's fp16 fractional zero points are used as they are (value = scale * (code - zero))."""
     gen = torch.Generator().manual_seed(3)
     for fmt, gran in ((Int(4, symmetric=False), PerGroup(64)), (Int(3, symmetric=False), PerGroup(128))):
-        qt = hqq_quantize(torch.randn(33, 300, generator=gen), QuantSpec(fmt, gran, scale_dtype="float16"))
+        qt = hqq_quantize(
+            torch.randn(33, 300, generator=gen), QuantSpec(fmt, gran, scale_dtype="float16"), zero="float"
+        )
         assert not torch.equal(qt.zero_point.float(), torch.round(qt.zero_point.float()))
         module = QLinear(qt, ActivationSpec(), torch.randn(33, generator=gen))
         _check(module, f"hqq {fmt.name}", three_d=True)

@@ -126,7 +126,7 @@ def test_native_runs_fractional_zero_points(fmt, gran, kernel):
     and match the reference within the integer-code floors, GEMV and prefill, fp32 and bf16."""
     gen = torch.Generator().manual_seed(3)
     n, k = 33, 300
-    qt = hqq_quantize(torch.randn(n, k, generator=gen), QuantSpec(fmt, gran, scale_dtype="float16"))
+    qt = hqq_quantize(torch.randn(n, k, generator=gen), QuantSpec(fmt, gran, scale_dtype="float16"), zero="float")
     assert qt.zero_point.is_floating_point() and not torch.equal(qt.zero_point, torch.round(qt.zero_point))
     module = QLinear(qt, ActivationSpec(), torch.randn(n, generator=gen))
     module.set_input_smooth(torch.rand(k, generator=gen) + 0.5)
@@ -194,7 +194,9 @@ def test_torch_compile_traces_the_native_ops():
     x5 = torch.randn(5, 96)
     assert torch.equal(compiled(x5), model(x5))
     # HQQ's fractional zero points: the per-group correction traces too (same values up to fp32 rounding)
-    qt = hqq_quantize(torch.randn(24, 96), QuantSpec(Int(4, symmetric=False), PerGroup(32), scale_dtype="float16"))
+    qt = hqq_quantize(
+        torch.randn(24, 96), QuantSpec(Int(4, symmetric=False), PerGroup(32), scale_dtype="float16"), zero="float"
+    )
     hqq_layer = QLinear(qt, ActivationSpec(), None)
     eager = hqq_layer(x)
     compiled = torch.compile(hqq_layer, fullgraph=True, dynamic=False)
