@@ -73,3 +73,65 @@ def test_compiled_decoding_generates_the_eager_tokens():
     assert hasattr(model, "_compiled_call")  # generate really took the compiled decode step
     speed = decode_speed(model, prompt, 4)
     assert speed["decode_tokens_per_s"] > 0 and speed["new_tokens"] == 4
+
+
+def test_frozen_guards_skip_the_models_internals_only():
+    """The guard filter keeps inputs, globals and the model's own type check; it drops the guards
+    on attributes beneath the model (and keeps everything when the model is not among them)."""
+    from types import SimpleNamespace
+
+    from lowbit.runtime import freeze_guards
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    def entry(name, value=None, is_global=False):
+        return SimpleNamespace(name=name, has_value=value is not None, value=value, is_global=is_global)
+
+    entries = [
+        entry("L['self']", model),  # the model's type check
+        entry("L['self']._modules['0']._parameters['weight']"),
+        entry("L['self'][0]"),
+        entry("L['self_other']"),  # a different local whose name starts alike
+        entry("L['input'].shape"),
+        entry("G['torch'].nn", is_global=True),
+    ]
+    keep = freeze_guards(model)
+    assert keep(entries) == [True, False, False, True, True, True]
+    assert freeze_guards(other)(entries) == [True] * len(entries)  # the model is not among them
+
+
+def test_a_frozen_model_keeps_its_name_and_pickles_as_its_class():
+    import copy
+    import pickle
+
+    from transformers import BertConfig, BertModel
+
+    from lowbit.runtime import freeze_guards
+
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=32)).eval()  # fmt: skip
+    freeze_guards(model)
+    freeze_guards(model)  # idempotent: one own class
+    own = type(model)
+    assert own is not BertModel and own.__bases__ == (BertModel,)
+    assert own.__name__ == "BertModel" and isinstance(model, BertModel)
+    ids = torch.randint(0, 60, (1, 5))
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(clone) is BertModel
+        assert torch.equal(clone(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_unfrozen_compile_keeps_all_guards():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=32)).eval()  # fmt: skip
+    lowbit.quantize(model, "w8-weight")
+    batch = {"input_ids": torch.randint(0, 60, (1, 9))}
+    with torch.inference_mode():
+        compiled = lowbit_compile(model, batch, frozen=False)
+        assert type(model) is BertModel  # no own class without freezing
+        want = model(**batch).last_hidden_state
+        assert torch.allclose(compiled(**batch).last_hidden_state, want, rtol=1e-4, atol=1e-5)
