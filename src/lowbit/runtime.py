@@ -105,10 +105,10 @@ def freeze_guards(model: nn.Module) -> Callable[[list], list[bool]]:
     and keeps the rest (inputs, globals, the model's own type check).
 
     A SmolLM2-135M decode step carries 14 440 guards, 11 438 of them on the model's internals, all
-    checked on every call (w4-g128 decode 87 -> 104 tokens/s with them dropped). The check on the
-    model's type then identifies the model:
-    ``model`` gets a class of its own (same name, module and behaviour; it pickles and copies as the
-    original class), so another model of the same class never runs this model's graphs."""
+    checked on every call (w4-g128 decode 87 -> 104 tokens/s with them dropped). The kept check on
+    the model's type then identifies the model: ``model`` gets a class of its own (same name,
+    module and behaviour; it pickles and copies as the original class), so another model of the
+    same class never runs this model's graphs."""
     _own_class(model)
     ref = weakref.ref(model)
 

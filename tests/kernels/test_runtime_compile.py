@@ -75,6 +75,30 @@ def test_compiled_decoding_generates_the_eager_tokens():
     assert speed["decode_tokens_per_s"] > 0 and speed["new_tokens"] == 4
 
 
+def test_two_compiled_causal_lms_decode_their_own_tokens():
+    """generate's compiled step is one function for every model (nn.Module.__call__): frozen guards
+    must still keep each model on its own graphs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    prompt = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(9))
+    gen = {"do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5, "pad_token_id": 0}
+    models, eager = [], []
+    with torch.inference_mode():
+        for seed, recipe in ((1, "w8-weight"), (2, "w4-g128")):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).eval()
+            lowbit.quantize(model, recipe)
+            eager.append(model.generate(prompt, **gen))
+            lowbit_compile(model)
+            models.append(model)
+        assert not torch.equal(eager[0], eager[1])
+        for _ in range(2):  # interleaved calls, each model after the other's graphs exist
+            for model, want in zip(models, eager, strict=True):
+                assert torch.equal(model.generate(prompt, **gen), want)
+
+
 def test_frozen_guards_skip_the_models_internals_only():
     """The guard filter keeps inputs, globals and the model's own type check; it drops the guards
     on attributes beneath the model (and keeps everything when the model is not among them)."""
