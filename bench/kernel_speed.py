@@ -2,7 +2,7 @@
 
 GEMV (M=1) and GEMM (M=256) at N x K = 4096 x 4096 and 11008 x 4096. Each row: median ms,
 GOP/s, weight GB/s (bytes the kernel reads), and fractions of this machine's rooflines measured
-in the same run: DRAM read bandwidth (``x.sum()`` over 1 GiB) for M=1 and peak GEMM throughput
+in the same run: DRAM read bandwidth (``x.sum()`` or fp32 GEMV over 1 GiB, the faster) for M=1 and peak GEMM throughput
 (``torch._int_mm`` at 4096^3 for int8, fp32 ``mm`` for float) for M=256. M=1 rows are "cold":
 the bench rotates through copies of the layer totalling > 3x L3 so each call streams its
 weight from DRAM, as in a real model. W8A8 rows include quantizing the activations.
