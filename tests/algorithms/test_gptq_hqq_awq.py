@@ -145,8 +145,9 @@ def test_hqq_never_raises_the_per_group_weight_error_over_rtn():
             err_hqq = ((w - hqq) ** 2).reshape(16, 4, 64).sum(-1)
             assert (err_hqq <= err_rtn * (1 + 1e-3) + 1e-6).all(), (zero, protect)
             if protect:  # the largest weight of every group rounds within half a min-max step
-                step = (w.reshape(16, 4, 64).amax(-1) - w.reshape(16, 4, 64).amin(-1).clamp(max=0)) / 7
-                peak = w.reshape(16, 4, 64).abs().argmax(-1, keepdim=True)
+                groups = w.reshape(16, 4, 64)
+                step = (groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)) / 7  # min-max step
+                peak = groups.abs().argmax(-1, keepdim=True)
                 peak_err = (w - hqq).reshape(16, 4, 64).gather(-1, peak).squeeze(-1).abs()
                 assert (peak_err <= 0.5 * step * 1.01 + 1e-6).all(), zero
     # least squares recovers an exact affine grid
