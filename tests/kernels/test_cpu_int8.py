@@ -230,6 +230,9 @@ def test_native_linear_bf16(rows, activation):
     assert_close_to_reference(layer, x, y, rel=1e-2)
 
 
+NEVER = 1 << 40  # a row threshold no input reaches
+
+
 @native
 @pytest.mark.parametrize("rows", [1, 8, 9, 30, 300])
 def test_small_gemm_and_onednn_paths_agree(rows):
@@ -241,9 +244,49 @@ def test_small_gemm_and_onednn_paths_agree(rows):
     x = torch.randn(rows, K)
     for x_scale, zero in [(None, None), (torch.tensor([0.02]), None), (torch.tensor([0.02]), torch.tensor([100]))]:
         args = (x, packed, sums, scale, bias, smooth, x_scale, zero)
-        own = torch.ops.lowbit.w8a8_linear(*args, None, 1)
-        dnn = torch.ops.lowbit.w8a8_linear(*args, onednn, 1)
+        own = torch.ops.lowbit.w8a8_linear(*args, None, 1, NEVER)
+        dnn = torch.ops.lowbit.w8a8_linear(*args, onednn, 1, NEVER)
         assert torch.allclose(own, dnn, rtol=1e-5, atol=1e-5 * float(own.abs().max()))
+
+
+amx = pytest.mark.skipif(
+    not (cpu_int8._load_native() and cpu_int8._amx_available()), reason="needs a CPU with AMX int8"
+)
+
+
+@native
+@amx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("rows", "K", "N"),
+    [(1, 4, 1), (8, 64, 32), (15, 65, 33), (16, 128, 31), (17, 260, 70), (33, 1000, 64), (200, 384, 100), (300, 61, 7)],
+)
+def test_amx_gemm_equals_vnni_gemm(rows, K, N, dtype):
+    """Both sum the same integer products exactly and share the epilogue: outputs bit-equal, for
+    shapes that leave partial tiles in every dimension (rows vs 16, K vs 64, N vs 32)."""
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w[0] = 127  # extreme sums
+    packed, sums = torch.ops.lowbit.w8a8_pack(w)
+    scale, bias, smooth = torch.rand(N) / 100, torch.randn(N), torch.rand(K) + 0.5
+    x = (torch.randn(rows, K) * 3).to(dtype)
+    x[0] = 1e3  # all codes at +-127
+    for x_scale, zero in [(None, None), (torch.tensor([0.02]), None), (torch.tensor([0.02]), torch.tensor([100]))]:
+        args = (x, packed, sums, scale, bias, smooth, x_scale, zero, None, NEVER)
+        tiles = torch.ops.lowbit.w8a8_linear(*args, 1)
+        vnni = torch.ops.lowbit.w8a8_linear(*args, NEVER)
+        assert tiles.dtype == dtype
+        assert torch.equal(tiles, vnni)
+
+
+@native
+@amx
+def test_amx_gemm_matches_exact_output_and_threads():
+    """Many rows (work split over threads by row chunk and panel) against exact integer sums."""
+    layer = make_layer(QLinear, torch.randn(1536, 384) / 20, DYNAMIC, torch.randn(1536), None, calib=None)
+    x = torch.randn(2, 333, 384)
+    y = run_with("cpu-int8", layer, x)
+    exact = exact_output(layer, x)
+    assert torch.allclose(y.double(), exact, rtol=2e-6, atol=1e-6 * float(exact.abs().max()))
 
 
 @native

@@ -3,7 +3,7 @@
 
 ``cpu-int8`` runs lowbit's AVX-512 VNNI ops (``csrc/int8.cpp``), one ``torch.ops.lowbit.w8a8_linear``
 call per layer: a weight-streaming GEMV/GEMM below ``ONEDNN_MIN_ROWS`` activation rows, oneDNN's int8
-matmul above. ``cpu-int8-portable`` needs no native code (``torch._int_mm`` on codes from
+matmul above; on CPUs with AMX, lowbit's AMX tile GEMM from ``AMX_MIN_ROWS`` rows instead of both. ``cpu-int8-portable`` needs no native code (``torch._int_mm`` on codes from
 ``lowbit.primitives``) for CPUs without AVX-512. Both give the reference's activation codes exactly;
 outputs differ from the reference kernel only by float summation order.
 """
@@ -32,8 +32,16 @@ ONEDNN_SMALL_MIN_ROWS = 64
 ONEDNN_LARGE_WEIGHT = 1 << 21  # N * K from which a layer counts as large
 
 
+# Activation rows from which lowbit's AMX GEMM runs (CPUs with AMX int8: Sapphire Rapids and later).
+# It beat both the VNNI GEMM and oneDNN from 8 rows on, at every shape bench/kernel_speed.py and
+# MiniLM use; the VNNI GEMV keeps decode, whose weight stream it is tuned for.
+AMX_MIN_ROWS = 8
+
+
 def use_onednn(rows: int, weight_shape: tuple[int, ...]) -> bool:
-    """oneDNN's int8 matmul for many rows; the weight-streaming native GEMM below."""
+    """oneDNN's int8 matmul for many rows without AMX; the native GEMM below that, or with AMX."""
+    if rows >= AMX_MIN_ROWS and _amx_ready():
+        return False
     large = weight_shape[0] * math.prod(weight_shape[1:]) >= ONEDNN_LARGE_WEIGHT
     return rows >= (ONEDNN_MIN_ROWS if large else ONEDNN_SMALL_MIN_ROWS)
 
@@ -168,6 +176,18 @@ def _native_ready() -> bool:
     return _load_native()
 
 
+@torch.compiler.assume_constant_result
+def _amx_ready() -> bool:
+    return _native_ready() and _amx_available()
+
+
+@functools.cache
+def _amx_available() -> bool:
+    """Whether the native ops run AMX tiles here (the CPU has AMX int8 and Linux grants its state;
+    LOWBIT_NO_AMX=1, read once per process, turns it off)."""
+    return bool(torch.ops.lowbit.amx_available())
+
+
 @functools.cache
 def _load_native() -> bool:
     if not native_available():
@@ -192,7 +212,9 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
     @torch.library.register_fake("lowbit::w8a8_linear")
-    def _linear_fake(x, w_packed, w_sum, w_scale, bias, smooth, x_scale, x_zero_point, w_onednn, onednn_min_rows):
+    def _linear_fake(
+        x, w_packed, w_sum, w_scale, bias, smooth, x_scale, x_zero_point, w_onednn, onednn_min_rows, amx_min_rows
+    ):
         return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
 
     @torch.library.register_fake("lowbit::w8a8_conv2d")
@@ -241,6 +263,7 @@ def native_linear_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x_zero,
         onednn,
         ONEDNN_MIN_ROWS,
+        AMX_MIN_ROWS,
     )
 
 

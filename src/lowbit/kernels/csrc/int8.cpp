@@ -12,9 +12,15 @@
 // Small M (decode) runs a GEMV/GEMM over a weight prepacked in panels of 32 output rows,
 // [N/32][K/4][32][4] bytes on 2 MB pages, streamed once; large M calls oneDNN's int8 matmul
 // (onednn::qlinear_pointwise) through the dispatcher with the per-token scale and bias applied
-// in one pass afterwards.
+// in one pass afterwards. On CPUs with AMX int8, from `amx_min_rows` rows on, AMX tiles run the
+// same packed weight instead of both (same integer sums and epilogue, so the same outputs bit
+// for bit); LOWBIT_NO_AMX=1 turns that off.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <cpuid.h>
+#include <omp.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -30,6 +36,8 @@ constexpr int64_t kPanel = 32;       // output rows per weight panel (two zmm of
 constexpr int64_t kRowTile = 8;      // activation rows per micro-kernel call
 constexpr int64_t kPrefetch = 2048;  // bytes ahead that the GEMV prefetches its weight stream
 constexpr size_t kHugePage = size_t(2) << 20;
+constexpr int64_t kAmxK = 64;  // K bytes per AMX tile row
+constexpr int64_t kAmxSlack = 16 * 4 * kPanel;
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
@@ -146,23 +154,33 @@ float quantize_row(const T* x, int64_t K, const ActQuant& aq, const Divisor& d, 
     q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, vz), vmin), vmax);
     _mm512_mask_cvtepi32_storeu_epi8(out + k, m, _mm512_add_epi32(_mm512_cvtps_epi32(q), vshift));
   }
-  std::fill(out + K, out + kpad, uint8_t(aq.code_zero()));
+  std::fill(out + K, out + kpad, uint8_t(0));  // meets zero weights (or, on AMX, none at all)
   return scale;
+}
+
+// The smoothing divisor for rows of x (reciprocals only when several rows share them).
+Divisor divisor_for_rows(const at::Tensor& x, const ActQuant& aq) {
+  const int64_t M = x.size(0), K = x.size(1);
+  return x.scalar_type() == at::kBFloat16 ? divisor_for<at::BFloat16>(aq.smooth, K, M >= 4)
+                                          : divisor_for<float>(aq.smooth, K, M >= 4);
+}
+
+// Quantize rows [begin, end) of x [M, K] into codes [M, ldc] and their scales.
+void quantize_row_range(const at::Tensor& x, const ActQuant& aq, const Divisor& d, int64_t begin, int64_t end,
+                        uint8_t* codes, int64_t ldc, float* scales) {
+  const int64_t K = x.size(1);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  for (int64_t i = begin; i < end; ++i) {
+    scales[i] = bf16 ? quantize_row(x.const_data_ptr<at::BFloat16>() + i * K, K, aq, d, codes + i * ldc, ldc)
+                     : quantize_row(x.const_data_ptr<float>() + i * K, K, aq, d, codes + i * ldc, ldc);
+  }
 }
 
 // Quantize rows [M, K] of x into codes [M, ldc] and per-row scales; parallel over rows when large.
 void quantize_rows(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t ldc, float* scales) {
   const int64_t M = x.size(0), K = x.size(1);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const bool reciprocals = M >= 4;
-  const Divisor d = bf16 ? divisor_for<at::BFloat16>(aq.smooth, K, reciprocals)
-                         : divisor_for<float>(aq.smooth, K, reciprocals);
-  auto body = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      scales[i] = bf16 ? quantize_row(x.const_data_ptr<at::BFloat16>() + i * K, K, aq, d, codes + i * ldc, ldc)
-                       : quantize_row(x.const_data_ptr<float>() + i * K, K, aq, d, codes + i * ldc, ldc);
-    }
-  };
+  const Divisor d = divisor_for_rows(x, aq);
+  auto body = [&](int64_t begin, int64_t end) { quantize_row_range(x, aq, d, begin, end, codes, ldc, scales); };
   if (M * K < (int64_t(1) << 16)) {
     body(0, M);
   } else {
@@ -176,7 +194,8 @@ void quantize_rows(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int6
 // A zero-filled int8 buffer on 2 MB-aligned memory advised for transparent huge pages, so that a
 // streamed weight costs no page walks and the prefetchers are not cut at every 4 KB page.
 at::Tensor alloc_packed(int64_t bytes) {
-  size_t size = round_up(std::max<int64_t>(bytes, 1), bytes >= int64_t(kHugePage) ? kHugePage : 64);
+  // kAmxSlack: the AMX GEMM's last K tile may read up to 15 rows of 128 bytes past a panel (times zero codes).
+  size_t size = round_up(std::max<int64_t>(bytes, 1) + kAmxSlack, bytes >= int64_t(kHugePage) ? kHugePage : 64);
   void* p = std::aligned_alloc(bytes >= int64_t(kHugePage) ? kHugePage : 64, size);
   LOWBIT_CHECK(p != nullptr, "could not allocate ", size, " bytes for a packed weight");
   if (size >= kHugePage) madvise(p, size, MADV_HUGEPAGE);
@@ -295,6 +314,150 @@ void small_gemm(const uint8_t* codes, int64_t M, int64_t Kp, const int8_t* packe
 }
 
 // ---------------------------------------------------------------------------------------------
+// AMX (Sapphire Rapids and later): 16 x 16 int32 tiles, tdpbusd takes 16 rows x 64 codes against
+// 16 groups of 4 K x 16 outputs per instruction, 16x the MACs of a zmm vpdpbusd. The packed
+// weight needs no new layout: a panel's 16 outputs x 4 K are 64 contiguous bytes, rows of
+// successive K groups 128 bytes apart, which is a B tile read with a stride of 128. Activation
+// codes are padded to 16 rows and 64 columns with zeros; columns past the weight's K meet either
+// its zero padding or, in the last tile, the next panel's bytes (times zero).
+
+// Whether this CPU and kernel let the process use AMX int8 (asks Linux for the tile state once).
+bool amx_ready() {
+  static const bool ready = [] {
+    if (std::getenv("LOWBIT_NO_AMX") != nullptr) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), int8 = d & (1u << 25);
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return tile && int8 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes: tmm0-3 int32 sums (2 x 2 blocks of 16 rows x 16 outputs),
+// tmm4-5 activation codes (two 16-row blocks), tmm6-7 weights (a panel's two 16-output halves).
+// ldtilecfg through asm with a memory operand: GCC 12 drops the stores to a config that only
+// _tile_loadconfig reads, which leaves every tile unconfigured (tilezero then faults).
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+__attribute__((target("amx-tile"))) inline void amx_release() { _tile_release(); }
+
+// int32 sums of 16 (two_blocks: 32) rows of codes x a panel's 32 outputs into c[32][32].
+template <bool two_blocks>
+__attribute__((target("amx-tile,amx-int8"))) inline void amx_panel(const uint8_t* a, int64_t lda, const int8_t* w,
+                                                                   int64_t K64, int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (two_blocks) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < K64; k += kAmxK) {
+    const int8_t* wk = w + k * kPanel;  // K group k / 4, 128 bytes each
+    _tile_loadd(6, wk, 4 * kPanel);
+    _tile_loadd(7, wk + 64, 4 * kPanel);
+    _tile_loadd(4, a + k, lda);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+    if constexpr (two_blocks) {
+      _tile_loadd(5, a + 16 * lda + k, lda);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 4 * kPanel);
+  _tile_stored(1, c + 16, 4 * kPanel);
+  if constexpr (two_blocks) {
+    _tile_stored(2, c + 16 * kPanel, 4 * kPanel);
+    _tile_stored(3, c + 16 * kPanel + 16, 4 * kPanel);
+  }
+}
+
+// The epilogue of `finish` for `rows` rows of sums c[rows][32] (rows m0.., outputs n0..).
+template <typename TO>
+void amx_finish(const int32_t* c, int64_t rows, const Epilogue& e, int64_t m0, int64_t n0, TO* y) {
+  for (int j = 0; j < 2; ++j) {
+    const int64_t n = n0 + 16 * j;
+    if (n >= e.N) break;
+    const __mmask16 mask = tail_mask(e.N - n);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, e.wscale + n);
+    const __m512 b = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
+    const __m512i comp = _mm512_mullo_epi32(_mm512_loadu_si512(e.wsum + n), _mm512_set1_epi32(e.zero));
+    for (int64_t m = 0; m < rows; ++m) {
+      const float xs = e.xscale ? e.xscale[m0 + m] : e.scale;
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(c + m * kPanel + 16 * j), comp));
+      store16(y + (m0 + m) * e.N + n, _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(xs)), b), mask);
+    }
+  }
+}
+
+// Rows [m0, m1) of codes (16-row blocks, padding rows zero) against panels [p0, p1).
+template <typename TO>
+void amx_rows_panels(const uint8_t* codes, int64_t K64, int64_t m0, int64_t m1, const int8_t* packed,
+                     int64_t panel_bytes, int64_t p0, int64_t p1, const Epilogue& e, TO* y) {
+  alignas(64) int32_t c[2 * 16 * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* w = packed + p * panel_bytes;
+    for (int64_t m = m0; m < m1; m += 32) {
+      if (m1 - m > 16) {
+        amx_panel<true>(codes + m * K64, K64, w, K64, c);
+      } else {
+        amx_panel<false>(codes + m * K64, K64, w, K64, c);
+      }
+      amx_finish(c, std::min<int64_t>(32, m1 - m), e, m, p * kPanel, y);
+    }
+  }
+}
+
+// y = quantized rows of x times the packed weight, in one OpenMP team. Each thread first
+// quantizes its own share of the rows: rows an elementwise producer split by rows (as Inductor's
+// kernels are) left in that core's cache. Few rows (decode to MiniLM's 1 x 32): after a barrier,
+// threads split the panels, so each weight byte crosses from L3 once. Many rows: each thread
+// goes on with its own rows, in chunks of kAmxChunk rows that stay in L2 against every panel.
+// `codes` [round_up(M, 32), K64] has its padding rows zeroed.
+template <typename TO>
+void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t K64, float* scales,
+                const int8_t* packed, int64_t Np, int64_t Kp, const Epilogue& e, TO* y) {
+  constexpr int64_t kAmxChunk = 256, kSplitPanelsUpTo = 64, kSerialMacs = int64_t(1) << 20;
+  const int64_t M = x.size(0), panels = Np / kPanel, panel_bytes = kPanel * Kp;
+  const Divisor d = divisor_for_rows(x, aq);
+  const bool split_panels = M <= kSplitPanelsUpTo;
+  const int64_t units = split_panels ? panels : (M + 15) / 16;  // what the threads divide
+  int threads = at::in_parallel_region() || M * Np * K64 < kSerialMacs ? 1 : at::get_num_threads();
+  threads = int(std::min<int64_t>(threads, std::min<int64_t>(units, (M + 15) / 16 * (split_panels ? panels : 1))));
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    // This thread's rows, in whole 16-row blocks.
+    const int64_t blocks = (M + 15) / 16;
+    const int64_t r0 = std::min(M, blocks * t / n * 16), r1 = std::min(M, blocks * (t + 1) / n * 16);
+    quantize_row_range(x, aq, d, r0, r1, codes, K64, scales);
+    amx_configure();
+    if (split_panels) {
+      if (n > 1) {
+#pragma omp barrier
+      }
+      amx_rows_panels(codes, K64, 0, M, packed, panel_bytes, panels * t / n, panels * (t + 1) / n, e, y);
+    } else {
+      for (int64_t m = r0; m < r1; m += kAmxChunk) {
+        amx_rows_panels(codes, K64, m, std::min(r1, m + kAmxChunk), packed, panel_bytes, 0, panels, e, y);
+      }
+    }
+    amx_release();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Large M: oneDNN
 
 at::Tensor onednn_linear(const at::Tensor& codes, double x_scale, int64_t x_zero, const at::Tensor& w_onednn,
@@ -377,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const std::opti
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth,
                   const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_zero_point,
-                  const std::optional<at::Tensor>& w_onednn, int64_t onednn_min_rows) {
+                  const std::optional<at::Tensor>& w_onednn, int64_t onednn_min_rows, int64_t amx_min_rows) {
   const at::Tensor x2 = as_2d(x);
   const int64_t M = x2.size(0), K = x2.size(1), N = w_scale.size(0);
   const int64_t Np = w_sum.size(0), Kp = round_up(K, 4);
@@ -405,12 +568,25 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Ten
     }
     return y.view(out_shape);
   }
-  at::Tensor codes = at::empty({M, Kp}, at::kByte);
-  quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), Kp, scales.data_ptr<float>());
   y = at::empty({M, N}, out_dtype);
   const Epilogue e{w_sum.const_data_ptr<int32_t>(), w_scale.const_data_ptr<float>(),
                    bias ? bias->const_data_ptr<float>() : nullptr, aq.dynamic ? scales.const_data_ptr<float>() : nullptr,
                    aq.scale, aq.code_zero(), N};
+  if (M >= amx_min_rows && amx_ready()) {
+    const int64_t K64 = round_up(K, kAmxK), rows = round_up(M, 32);
+    at::Tensor codes = at::empty({rows, K64}, at::kByte);
+    if (rows > M) std::memset(codes.data_ptr<uint8_t>() + M * K64, 0, (rows - M) * K64);
+    if (out_dtype == at::kFloat) {
+      amx_linear(x2, aq, codes.data_ptr<uint8_t>(), K64, scales.data_ptr<float>(), w_packed.const_data_ptr<int8_t>(),
+                 Np, Kp, e, y.data_ptr<float>());
+    } else {
+      amx_linear(x2, aq, codes.data_ptr<uint8_t>(), K64, scales.data_ptr<float>(), w_packed.const_data_ptr<int8_t>(),
+                 Np, Kp, e, y.data_ptr<at::BFloat16>());
+    }
+    return y.view(out_shape);
+  }
+  at::Tensor codes = at::empty({M, Kp}, at::kByte);
+  quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), Kp, scales.data_ptr<float>());
   if (out_dtype == at::kFloat) {
     small_gemm(codes.const_data_ptr<uint8_t>(), M, Kp, w_packed.const_data_ptr<int8_t>(), Np, e, y.data_ptr<float>());
   } else {
@@ -449,7 +625,8 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("w8a8_quantize(Tensor x, Tensor? smooth, Tensor? x_scale, Tensor? x_zero_point) -> (Tensor, Tensor)");
   m.def(
       "w8a8_linear(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, Tensor? smooth, "
-      "Tensor? x_scale, Tensor? x_zero_point, Tensor? w_onednn, int onednn_min_rows) -> Tensor");
+      "Tensor? x_scale, Tensor? x_zero_point, Tensor? w_onednn, int onednn_min_rows, int amx_min_rows) -> Tensor");
+  m.def("amx_available() -> bool", &lowbit::int8::amx_ready);
   m.def(
       "w8a8_conv2d(Tensor x, Tensor? smooth, Tensor x_scale, Tensor? x_zero_point, Tensor w_onednn, Tensor w_scale, "
       "Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
