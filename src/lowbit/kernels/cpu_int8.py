@@ -3,8 +3,9 @@
 
 ``cpu-int8`` runs lowbit's AVX-512 VNNI ops (``csrc/int8.cpp``), one ``torch.ops.lowbit.w8a8_linear``
 call per layer: a weight-streaming GEMV/GEMM below ``ONEDNN_MIN_ROWS`` activation rows, oneDNN's int8
-matmul above; on CPUs with AMX, lowbit's AMX tile GEMM from ``AMX_MIN_ROWS`` rows instead of both. ``cpu-int8-portable`` needs no native code (``torch._int_mm`` on codes from
-``lowbit.primitives``) for CPUs without AVX-512. Both give the reference's activation codes exactly;
+matmul above; on CPUs with AMX, lowbit's AMX tile GEMM from ``AMX_MIN_ROWS`` rows instead of both.
+``cpu-int8-portable`` needs no native code (``torch._int_mm`` on codes from ``lowbit.primitives``)
+for CPUs without AVX-512. Both give the reference's activation codes exactly;
 outputs differ from the reference kernel only by float summation order.
 """
 
