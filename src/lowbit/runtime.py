@@ -120,9 +120,20 @@ def freeze_guards(model: nn.Module) -> Callable[[list], list[bool]]:
             if target is not None and e.has_value and e.value is target and not e.is_global
             for sep in (".", "[")
         )
-        return [e.is_global or not roots or not e.name.startswith(roots) for e in entries]
+        return [e.is_global or not roots or not _unwrapped(e.name).startswith(roots) for e in entries]
 
     return keep
+
+
+_SOURCE_WRAPPERS = ("getattr(", "dict(", "type(", "list(", "len(")
+
+
+def _unwrapped(name: str) -> str:
+    """A guard's source without leading calls: ``getattr(self.layer, 'packed')`` -> ``self.layer, ...``,
+    so attributes that torch.compile reads through getattr/type/dict count as beneath the model."""
+    while name.startswith(_SOURCE_WRAPPERS):
+        name = name[name.index("(") + 1 :]
+    return name
 
 
 def _own_class(model: nn.Module) -> None:

@@ -119,9 +119,13 @@ def test_frozen_guards_skip_the_models_internals_only():
         entry("L['self_other']"),  # a different local whose name starts alike
         entry("L['input'].shape"),
         entry("G['torch'].nn", is_global=True),
+        entry("getattr(L['self']._modules['0'], '_traced_cpu-int8').packed"),  # read through getattr
+        entry("dict(type(L['self']._modules['0']))"),
+        entry("type(L['self'])"),  # the model's own class stays checked
+        entry("getattr(L['input'], 'shape')"),
     ]
     keep = freeze_guards(model)
-    assert keep(entries) == [True, False, False, True, True, True]
+    assert keep(entries) == [True, False, False, True, True, True, False, False, True, True]
     assert freeze_guards(other)(entries) == [True] * len(entries)  # the model is not among them
 
 
@@ -159,3 +163,31 @@ def test_unfrozen_compile_keeps_all_guards():
         assert type(model) is BertModel  # no own class without freezing
         want = model(**batch).last_hidden_state
         assert torch.allclose(compiled(**batch).last_hidden_state, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_kernel_choice_is_a_constant_and_empty_inputs_still_run():
+    """While compiling, the kernel is chosen once per layer and taken as a constant (no guards on
+    the registry); inputs of 0, 1 and many rows, and dynamic row counts, give the eager outputs."""
+    from torch import nn
+
+    from lowbit import kernels
+
+    torch.manual_seed(0)
+    for recipe in ("int8-dynamic-rtn", "w4-g128"):
+        torch._dynamo.reset()
+        model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+        lowbit.quantize(model, recipe)
+        with torch.inference_mode():
+            compiled = lowbit_compile(model)
+            for rows in (5, 0, 1, 40, 7):
+                x = torch.randn(rows, 128)
+                got, want = compiled(x), model(x)
+                assert got.shape == want.shape == (rows, 64)
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * (float(want.abs().max()) if rows else 1.0))
+
+        # the traced choice is the eager one
+        x = torch.randn(3, 128)
+        assert (
+            kernels._choice_while_tracing("linear", model[0], x.dtype, x.dim())
+            == kernels.select("linear", model[0], x).name
+        )

@@ -41,6 +41,7 @@ class Kernel:
 
 
 _KERNELS: dict[str, list[Kernel]] = {}
+_FUNCTIONS: dict[tuple[str, str], Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}  # (op, name) -> fn
 _LOADED = False
 
 
@@ -68,6 +69,7 @@ def register_kernel(
             available or (lambda module, x: True),
         )
         _KERNELS.setdefault(op, []).append(kernel)
+        _FUNCTIONS[(op, name)] = fn
         _KERNELS[op].sort(key=lambda k: -k.priority)
         return fn
 
@@ -127,13 +129,36 @@ def select(op: str, module: nn.Module, x: torch.Tensor) -> Kernel:
     raise UnsupportedError(f"no {op} kernel for layout {layout}, activations {act}, device {device}")
 
 
+@torch.compiler.assume_constant_result
+def _choice_while_tracing(op: str, module: nn.Module, dtype: torch.dtype, dim: int) -> str:
+    """``select``'s answer for a CPU input of this dtype and number of dimensions (a one-element
+    probe), taken by torch.compile as a constant: tracing ``select`` itself guarded every compiled
+    call on the registry, the environment and each kernel's checks (about 450 guards on MiniLM)."""
+    return select(op, module, torch.zeros((1,) * dim, dtype=dtype)).name
+
+
+def _kernel_fn(op: str, module: nn.Module, x: torch.Tensor) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The selected kernel's function. While torch.compile traces a non-empty CPU input, the choice
+    is made once and kept: CPU kernels' checks read only the input's dtype, device and number of
+    dimensions besides the module. (Empty inputs, whose sizes torch.compile never treats as
+    dynamic, and CUDA kernels, which check their first real call against the reference, are
+    selected as in eager.)"""
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and not _statically_empty(x):
+        return _FUNCTIONS[(op, _choice_while_tracing(op, module, x.dtype, x.dim()))]
+    return select(op, module, x).fn
+
+
+def _statically_empty(x: torch.Tensor) -> bool:
+    return any(type(d) is int and d == 0 for d in x.shape)
+
+
 def run(op: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Dispatch ``op`` for ``module`` on input ``x``. Outlier input channels (``set_outliers``)
     are split off here for every kernel: the kernel sees them zeroed, a float matmul adds them."""
     index = getattr(module, "outlier_index", None)
     if index is None or op != "linear":
-        return select(op, module, x).fn(module, x)
+        return _kernel_fn(op, module, x)(module, x)
     main = x.clone()
     main[..., index] = 0.0
-    y = select(op, module, main).fn(module, main)
+    y = _kernel_fn(op, module, main)(module, main)
     return y + torch.nn.functional.linear(x[..., index], module.outlier_weight.to(x.dtype))
