@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,22 @@ from lowbit.presets import get_preset
 from lowbit.recipe import ActivationSpec
 from lowbit.tensor import QTensor
 
-L3_BYTES = 32 << 20
+
+def l3_bytes(default: int = 32 << 20) -> int:
+    """This machine's last-level cache size (sysfs); ``default`` where it cannot be read. A VM may
+    report a whole host's L3 (480 MiB on a 2-vCPU Xeon): rotating through less would leave
+    "cold" weights in L3 and measure its bandwidth instead of DRAM's."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"), reverse=True):
+        try:
+            size = (index / "size").read_text().strip()
+            if (index / "level").read_text().strip() == "3" and size.endswith("K"):
+                return int(size[:-1]) << 10
+        except (OSError, ValueError):
+            continue
+    return default
+
+
+L3_BYTES = l3_bytes()
 PRESETS = ("w8-weight", "w4-g128", "nf4-g64", "w3-g128", "w2-g64", "vq-2bit")
 SHAPES = ((4096, 4096), (11008, 4096))  # (N, K)
 
