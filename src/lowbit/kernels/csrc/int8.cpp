@@ -194,13 +194,15 @@ void quantize_rows(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int6
 // A zero-filled int8 buffer on 2 MB-aligned memory advised for transparent huge pages, so that a
 // streamed weight costs no page walks and the prefetchers are not cut at every 4 KB page.
 at::Tensor alloc_packed(int64_t bytes) {
-  // kAmxSlack: the AMX GEMM's last K tile may read up to 15 rows of 128 bytes past a panel (times zero codes).
+  // kAmxSlack: the AMX GEMM's last K tile may read up to 15 rows of 128 bytes past a panel (times
+  // zero codes); the storage keeps them (a copy of the tensor would not: see amx_tail_readable).
   size_t size = round_up(std::max<int64_t>(bytes, 1) + kAmxSlack, bytes >= int64_t(kHugePage) ? kHugePage : 64);
   void* p = std::aligned_alloc(bytes >= int64_t(kHugePage) ? kHugePage : 64, size);
   LOWBIT_CHECK(p != nullptr, "could not allocate ", size, " bytes for a packed weight");
   if (size >= kHugePage) madvise(p, size, MADV_HUGEPAGE);
   std::memset(p, 0, size);
-  return at::from_blob(p, {bytes}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kChar));
+  return at::from_blob(p, {int64_t(size)}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kChar))
+      .narrow(0, 0, bytes);
 }
 
 // w int8 [N, K] -> (packed [N/32 * K/4 * 32 * 4] int8 (zero padded), row sums int32 [N padded to 32]).
@@ -401,6 +403,14 @@ void amx_finish(const int32_t* c, int64_t rows, const Epilogue& e, int64_t m0, i
   }
 }
 
+// Whether the AMX GEMM may read its last K tile whole: K is a multiple of 64, or the packed
+// weight's storage has alloc_packed's slack after it (a copied tensor has none: the VNNI GEMM then).
+bool amx_tail_readable(const at::Tensor& w_packed, int64_t K) {
+  const int64_t over = (round_up(K, kAmxK) - round_up(K, 4)) / 4 * 4 * kPanel;
+  const int64_t after = int64_t(w_packed.storage().nbytes()) - (w_packed.storage_offset() + w_packed.numel());
+  return over == 0 || after >= over;
+}
+
 // Rows [m0, m1) of codes (16-row blocks, padding rows zero) against panels [p0, p1).
 template <typename TO>
 void amx_rows_panels(const uint8_t* codes, int64_t K64, int64_t m0, int64_t m1, const int8_t* packed,
@@ -434,7 +444,7 @@ void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t
   const bool split_panels = M <= kSplitPanelsUpTo;
   const int64_t units = split_panels ? panels : (M + 15) / 16;  // what the threads divide
   int threads = at::in_parallel_region() || M * Np * K64 < kSerialMacs ? 1 : at::get_num_threads();
-  threads = int(std::min<int64_t>(threads, std::min<int64_t>(units, (M + 15) / 16 * (split_panels ? panels : 1))));
+  threads = int(std::min<int64_t>(threads, units));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), n = omp_get_num_threads();
@@ -572,7 +582,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Ten
   const Epilogue e{w_sum.const_data_ptr<int32_t>(), w_scale.const_data_ptr<float>(),
                    bias ? bias->const_data_ptr<float>() : nullptr, aq.dynamic ? scales.const_data_ptr<float>() : nullptr,
                    aq.scale, aq.code_zero(), N};
-  if (M >= amx_min_rows && amx_ready()) {
+  if (M >= amx_min_rows && amx_ready() && amx_tail_readable(w_packed, K)) {
     const int64_t K64 = round_up(K, kAmxK), rows = round_up(M, 32);
     at::Tensor codes = at::empty({rows, K64}, at::kByte);
     if (rows > M) std::memset(codes.data_ptr<uint8_t>() + M * K64, 0, (rows - M) * K64);
