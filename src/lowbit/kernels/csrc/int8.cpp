@@ -132,21 +132,48 @@ inline float token_scale(float lo, float hi) {
 template <typename T>
 float quantize_row(const T* x, int64_t K, const ActQuant& aq, const Divisor& d, uint8_t* out, int64_t kpad) {
   float scale = aq.scale;
+  bool finite_range = false;
   if (aq.dynamic) {
-    __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
-    for (int64_t k = 0; k < K; k += 16) {
-      __mmask16 m = tail_mask(K - k);
-      __m512 v = smoothed(x, d, k, m);
-      lo = _mm512_mask_min_ps(lo, m, lo, v);
-      hi = _mm512_mask_max_ps(hi, m, hi, v);
+    // Two independent min/max pairs: one pair's latency chain held this loop to 4 cycles a vector.
+    __m512 lo0 = _mm512_set1_ps(INFINITY), hi0 = _mm512_set1_ps(-INFINITY), lo1 = lo0, hi1 = hi0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512 v0 = smoothed(x, d, k, __mmask16(0xFFFF)), v1 = smoothed(x, d, k + 16, __mmask16(0xFFFF));
+      lo0 = _mm512_min_ps(lo0, v0), hi0 = _mm512_max_ps(hi0, v0);
+      lo1 = _mm512_min_ps(lo1, v1), hi1 = _mm512_max_ps(hi1, v1);
     }
-    scale = token_scale(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+    for (; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      const __m512 v = smoothed(x, d, k, m);
+      lo0 = _mm512_mask_min_ps(lo0, m, lo0, v);
+      hi0 = _mm512_mask_max_ps(hi0, m, hi0, v);
+    }
+    const float lo = _mm512_reduce_min_ps(_mm512_min_ps(lo0, lo1)), hi = _mm512_reduce_max_ps(_mm512_max_ps(hi0, hi1));
+    scale = token_scale(lo, hi);
+    finite_range = std::isfinite(lo) && std::isfinite(hi);
   }
   const float inv = 1.f / scale;
   const bool reciprocal_ok = std::isnormal(scale) && std::isnormal(inv);
   const __m512 vs = _mm512_set1_ps(scale), vinv = _mm512_set1_ps(inv), vz = _mm512_set1_ps(aq.zero);
   const __m512 vmin = _mm512_set1_ps(aq.qmin), vmax = _mm512_set1_ps(aq.qmax);
   const __m512i vshift = _mm512_set1_epi32(aq.shift);
+  if (finite_range && reciprocal_ok) {
+    // Dynamic rows with a finite range: |x / scale| <= 127, so the reciprocal quotient (div_by)
+    // never needs its NaN/inf fallback (a subnormal quotient rounds to 0 either way); with no zero
+    // point, clamping before the round-to-nearest-even conversion equals rounding first. Hot,
+    // 256 x 1536 fp32 rows on one Xeon thread: 108 -> 78 us with the two min/max pairs above.
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = tail_mask(K - k);
+      const __m512 v = smoothed(x, d, k, m);
+      const __m512 y = _mm512_mul_ps(v, vinv);
+      __m512 q = _mm512_fmadd_ps(_mm512_fnmadd_ps(y, vs, v), vinv, y);
+      q = _mm512_min_ps(_mm512_max_ps(q, vmin), vmax);
+      const __m512i c = _mm512_add_epi32(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vshift);
+      _mm_mask_storeu_epi8(out + k, m, _mm512_cvtepi32_epi8(c));
+    }
+    std::fill(out + K, out + kpad, uint8_t(0));
+    return scale;
+  }
   for (int64_t k = 0; k < K; k += 16) {
     __mmask16 m = tail_mask(K - k);
     __m512 q = _mm512_roundscale_ps(divide(smoothed(x, d, k, m), vs, vinv, reciprocal_ok),
