@@ -297,8 +297,11 @@ struct Epilogue {
   int64_t N;
 };
 
-template <int MT, typename TO>
-inline void finish(const __m512i (&acc)[MT][2], const Epilogue& e, int64_t m0, int64_t n0, TO* y) {
+// y[m0 + m, n0 + j * 16 ..] for m < rows from the int32 sums `sums(m, j)` (16 outputs each):
+// (sum - zero * rowsum) * x_scale * w_scale + bias. Shared by the VNNI and AMX GEMMs, which
+// therefore give the same outputs bit for bit.
+template <typename TO, typename Sums>
+inline void finish_rows(Sums sums, int64_t rows, const Epilogue& e, int64_t m0, int64_t n0, TO* y) {
   for (int j = 0; j < 2; ++j) {
     const int64_t n = n0 + 16 * j;
     if (n >= e.N) break;
@@ -306,9 +309,9 @@ inline void finish(const __m512i (&acc)[MT][2], const Epilogue& e, int64_t m0, i
     const __m512 ws = _mm512_maskz_loadu_ps(mask, e.wscale + n);
     const __m512 b = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
     const __m512i comp = _mm512_mullo_epi32(_mm512_loadu_si512(e.wsum + n), _mm512_set1_epi32(e.zero));
-    for (int m = 0; m < MT; ++m) {
+    for (int64_t m = 0; m < rows; ++m) {
       const float xs = e.xscale ? e.xscale[m0 + m] : e.scale;
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][j], comp));
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums(m, j), comp));
       store16(y + (m0 + m) * e.N + n, _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(xs)), b), mask);
     }
   }
@@ -319,7 +322,7 @@ void rows_panel(const uint8_t* codes, int64_t ldc, const int8_t* w, int64_t K4, 
                 int64_t n0, TO* y) {
   __m512i acc[MT][2];
   panel_dot<MT>(codes + m0 * ldc, ldc, w, K4, acc);
-  finish<MT>(acc, e, m0, n0, y);
+  finish_rows([&](int64_t m, int j) { return acc[m][j]; }, MT, e, m0, n0, y);
 }
 
 template <typename TO>
@@ -412,24 +415,6 @@ __attribute__((target("amx-tile,amx-int8"))) inline void amx_panel(const uint8_t
   }
 }
 
-// The epilogue of `finish` for `rows` rows of sums c[rows][32] (rows m0.., outputs n0..).
-template <typename TO>
-void amx_finish(const int32_t* c, int64_t rows, const Epilogue& e, int64_t m0, int64_t n0, TO* y) {
-  for (int j = 0; j < 2; ++j) {
-    const int64_t n = n0 + 16 * j;
-    if (n >= e.N) break;
-    const __mmask16 mask = tail_mask(e.N - n);
-    const __m512 ws = _mm512_maskz_loadu_ps(mask, e.wscale + n);
-    const __m512 b = e.bias ? _mm512_maskz_loadu_ps(mask, e.bias + n) : _mm512_setzero_ps();
-    const __m512i comp = _mm512_mullo_epi32(_mm512_loadu_si512(e.wsum + n), _mm512_set1_epi32(e.zero));
-    for (int64_t m = 0; m < rows; ++m) {
-      const float xs = e.xscale ? e.xscale[m0 + m] : e.scale;
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(c + m * kPanel + 16 * j), comp));
-      store16(y + (m0 + m) * e.N + n, _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(xs)), b), mask);
-    }
-  }
-}
-
 // Whether the AMX GEMM may read its last K tile whole: K is a multiple of 64, or the packed
 // weight's storage has alloc_packed's slack after it (a copied tensor has none: the VNNI GEMM then).
 bool amx_tail_readable(const at::Tensor& w_packed, int64_t K) {
@@ -451,7 +436,8 @@ void amx_rows_panels(const uint8_t* codes, int64_t K64, int64_t m0, int64_t m1, 
       } else {
         amx_panel<false>(codes + m * K64, K64, w, K64, c);
       }
-      amx_finish(c, std::min<int64_t>(32, m1 - m), e, m, p * kPanel, y);
+      finish_rows([&](int64_t r, int j) { return _mm512_loadu_si512(c + r * kPanel + 16 * j); },
+                  std::min<int64_t>(32, m1 - m), e, m, p * kPanel, y);
     }
   }
 }
