@@ -56,10 +56,38 @@ def compile(
     if not hasattr(torch, "compile"):
         raise UnsupportedError("torch.compile is not available in this torch build; run the model eagerly")
     prepare_kernels(model, example)
+    share_equal_inputs_params(model)
     model.eval()
     _raise_recompile_limits()
     compile_decoding(model, frozen=frozen)
     return torch.compile(model, dynamic=dynamic, mode=mode, options=compile_options(model if frozen else None))
+
+
+# Per-input parameters of quantized layers that layers reading the same activations may share.
+_INPUT_PARAMS = ("input_smooth", "input_scale", "input_zero_point")
+
+
+def share_equal_inputs_params(model: nn.Module) -> int:
+    """Give quantized layers whose input parameters (SmoothQuant divisor, static scale and zero
+    point) are equal one tensor object each, so a compiled graph sees one input and can quantize
+    activations that several layers read once (``kernels.shared_input``); checkpoints store a
+    copy per layer. Values do not change. Returns how many tensors were replaced."""
+    canonical: dict[tuple, torch.Tensor] = {}
+    replaced = 0
+    for module in model.modules():
+        if not isinstance(module, QModule):
+            continue
+        for attr in _INPUT_PARAMS:
+            tensor = getattr(module, attr, None)
+            if tensor is None or tensor.device.type != "cpu" or tensor.numel() > 1 << 16:
+                continue
+            raw = tensor.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            key = (attr, tensor.dtype, tuple(tensor.shape), raw)
+            first = canonical.setdefault(key, tensor)
+            if first is not tensor:
+                setattr(module, attr, first)
+                replaced += 1
+    return replaced
 
 
 def _raise_recompile_limits() -> None:
@@ -92,9 +120,14 @@ def compile_decoding(model: nn.Module, frozen: bool = False) -> bool:
 
 
 def compile_options(frozen: nn.Module | None = None) -> dict:
-    """Inductor options for inference: on CPU the C++ wrapper (less Python per call); with a
-    ``frozen`` model, a guard filter that skips the guards on that model's internals."""
-    options = {} if torch.cuda.is_available() else {"cpp_wrapper": True}
+    """Inductor options for inference: on CPU the C++ wrapper (less Python per call) and one native
+    call for W8A8 layers that share their input (``kernels.shared_input``); with a ``frozen``
+    model, a guard filter that skips the guards on that model's internals."""
+    options = {}
+    if not torch.cuda.is_available():
+        from .kernels.shared_input import SharedInputLinears
+
+        options = {"cpp_wrapper": True, "post_grad_custom_post_pass": SharedInputLinears()}
     if frozen is not None:
         options["guard_filter_fn"] = freeze_guards(frozen)
     return options

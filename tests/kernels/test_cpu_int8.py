@@ -293,6 +293,58 @@ def test_amx_gemm_matches_exact_output_and_threads():
 
 
 @native
+@pytest.mark.parametrize("rows", [1, 5, 8, 31, 64, 65, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("amx_min_rows", [1, NEVER])
+def test_grouped_layers_equal_separate_calls(rows, dtype, amx_min_rows):
+    """w8a8_linear_pair / _triple (layers reading one input, quantized once) give each layer's
+    w8a8_linear output bit for bit: dynamic, static and static-uint8 activations, with and without
+    bias and SmoothQuant divisor, on the VNNI GEMM and (where the CPU has it) AMX."""
+    K = 131
+    weights = []
+    for n in (33, 131, 7):
+        packed, sums = torch.ops.lowbit.w8a8_pack(torch.randint(-127, 128, (n, K), dtype=torch.int8))
+        weights.append((packed, sums, torch.rand(n) / 50, torch.randn(n)))
+    x = (torch.randn(2, rows, K) * 2).to(dtype)
+    for x_scale, zero in [(None, None), (torch.tensor([0.03]), None), (torch.tensor([0.03]), torch.tensor([90]))]:
+        for smooth in (None, torch.rand(K) + 0.5):
+            for biased in (True, False):
+                for op, count in ((torch.ops.lowbit.w8a8_linear_pair, 2), (torch.ops.lowbit.w8a8_linear_triple, 3)):
+                    ws = weights[:count]
+                    bias = [w[3] for w in ws] if biased else []
+                    got = op(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], bias, smooth, x_scale,
+                             zero, amx_min_rows)  # fmt: skip
+                    for y, (packed, sums, scale, b) in zip(got, ws):
+                        want = torch.ops.lowbit.w8a8_linear(
+                            x,
+                            packed,
+                            sums,
+                            scale,
+                            b if biased else None,
+                            smooth,
+                            x_scale,
+                            zero,
+                            None,
+                            NEVER,
+                            amx_min_rows,
+                        )
+                        assert y.dtype == dtype and torch.equal(y, want)
+
+
+@native
+def test_grouped_layers_reject_mismatched_lists():
+    packed, sums = torch.ops.lowbit.w8a8_pack(torch.ones(4, 8, dtype=torch.int8))
+    x, scale = torch.randn(3, 8), torch.ones(4)
+    with pytest.raises(RuntimeError, match="takes two layers"):
+        torch.ops.lowbit.w8a8_linear_pair(x, [packed] * 3, [sums] * 3, [scale] * 3, [], None, None, None, 8)
+    with pytest.raises(RuntimeError, match="no bias or one per layer"):
+        torch.ops.lowbit.w8a8_linear_pair(x, [packed] * 2, [sums] * 2, [scale] * 2, [scale], None, None, None, 8)
+    with pytest.raises(RuntimeError, match="repack the weight"):
+        torch.ops.lowbit.w8a8_linear_pair(torch.randn(3, 9), [packed] * 2, [sums] * 2, [scale] * 2, [], None, None,
+                                          None, 8)  # fmt: skip
+
+
+@native
 def test_pack_layout_and_row_sums():
     w = torch.randint(-127, 128, (33, 10), dtype=torch.int8)
     packed, sums = torch.ops.lowbit.w8a8_pack(w)

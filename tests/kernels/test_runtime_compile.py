@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lowbit
@@ -191,3 +192,67 @@ def test_compiled_kernel_choice_is_a_constant_and_empty_inputs_still_run():
             kernels._choice_while_tracing("linear", model[0], x.dtype, x.dim())
             == kernels.select("linear", model[0], x).name
         )
+
+
+class _Siblings(torch.nn.Module):
+    """Five layers reading one input (like q, k, v and gate, up), one reading another, a float head."""
+
+    def __init__(self):
+        super().__init__()
+        self.branches = torch.nn.ModuleList(torch.nn.Linear(48, n) for n in (40, 40, 24, 40, 40))
+        self.mix = torch.nn.Linear(40, 40)
+        self.head = torch.nn.Linear(40, 3)
+
+    def forward(self, x):
+        a, b, c, d, e = (branch(x) for branch in self.branches)
+        y = torch.relu(a * b) + torch.nn.functional.pad(c, (0, 16)) + d - e
+        return self.head(self.mix(y))
+
+
+def test_layers_reading_one_input_run_as_one_grouped_call(monkeypatch):
+    """kernels.shared_input groups the five sibling layers (a triple and a pair: activations
+    quantized twice instead of five times); outputs equal the eager model's."""
+    from lowbit import kernels
+    from lowbit.kernels import shared_input
+
+    if not kernels.native_available():
+        pytest.skip("needs the AVX-512 VNNI native kernels")
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    lowbit.quantize(model, "int8-dynamic-rtn")
+    assert quantized_layers(model) == 6
+    replaced = []
+    real = shared_input.group_shared_inputs
+    monkeypatch.setattr(shared_input, "group_shared_inputs", lambda graph: replaced.append(real(graph)))
+    x = torch.randn(2, 9, 48)
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            torch._dynamo.reset()
+            got = lowbit_compile(model, x)(x)
+        want = model(x)
+    assert replaced == [5]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_group_sizes():
+    from lowbit.kernels.shared_input import _chunks
+
+    assert [len(c) for c in _chunks(list(range(7)))] == [3, 2, 2]
+    assert [[len(c) for c in _chunks(list(range(n)))] for n in range(1, 7)] == [[], [2], [3], [2, 2], [3, 2], [3, 3]]
+
+
+def test_equal_input_parameters_become_one_tensor():
+    from lowbit.runtime import share_equal_inputs_params
+
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    lowbit.quantize(model, "int8-dynamic-rtn")
+    first, second, third = model.branches[0], model.branches[1], model.branches[2]
+    first.set_input_smooth(torch.arange(1.0, 49.0))
+    second.set_input_smooth(torch.arange(1.0, 49.0))
+    third.set_input_smooth(torch.arange(2.0, 50.0))
+    x = torch.randn(3, 48)
+    before = [m(x) for m in (first, second, third)]
+    assert share_equal_inputs_params(model) == 1
+    assert first.input_smooth is second.input_smooth and third.input_smooth is not first.input_smooth
+    assert all(torch.equal(m(x), y) for m, y in zip((first, second, third), before))

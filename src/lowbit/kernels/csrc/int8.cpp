@@ -442,21 +442,33 @@ void amx_rows_panels(const uint8_t* codes, int64_t K64, int64_t m0, int64_t m1, 
   }
 }
 
-// y = quantized rows of x times the packed weight, in one OpenMP team. Each thread first
-// quantizes its own share of the rows: rows an elementwise producer split by rows (as Inductor's
-// kernels are) left in that core's cache. Few rows (decode to MiniLM's 1 x 32): after a barrier,
-// threads split the panels, so each weight byte crosses from L3 once. Many rows: each thread
-// goes on with its own rows, in chunks of kAmxChunk rows that stay in L2 against every panel.
-// `codes` [round_up(M, 32), K64] has its padding rows zeroed.
+// One layer of a group that reads the same activations (e.g. attention's q, k, v): its packed
+// weight, epilogue and output. The group's rows are quantized once for all of them.
 template <typename TO>
-void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t K64, float* scales,
-                const int8_t* packed, int64_t Np, int64_t Kp, const Epilogue& e, TO* y) {
+struct Target {
+  const int8_t* packed;
+  int64_t Np;
+  Epilogue e;
+  TO* y;
+};
+
+// y_i = quantized rows of x times packed weight i for every target, in one OpenMP team. Each
+// thread first quantizes its own share of the rows: rows an elementwise producer split by rows (as
+// Inductor's kernels are) left in that core's cache. Few rows (decode to MiniLM's 1 x 32): after a
+// barrier, threads split the targets' panels (as one list), so each weight byte crosses from L3
+// once. Many rows: each thread goes on with its own rows, in chunks of kAmxChunk rows that stay in
+// L2 against every panel. `codes` [round_up(M, 32), K64] has its padding rows zeroed.
+template <typename TO>
+void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t K64, float* scales, int64_t Kp,
+                const std::vector<Target<TO>>& targets) {
   constexpr int64_t kAmxChunk = 256, kSplitPanelsUpTo = 64, kSerialMacs = int64_t(1) << 20;
-  const int64_t M = x.size(0), panels = Np / kPanel, panel_bytes = kPanel * Kp;
+  const int64_t M = x.size(0), panel_bytes = kPanel * Kp;
+  int64_t panels = 0;
+  for (const auto& t : targets) panels += t.Np / kPanel;
   const Divisor d = divisor_for_rows(x, aq);
   const bool split_panels = M <= kSplitPanelsUpTo;
   const int64_t units = split_panels ? panels : (M + 15) / 16;  // what the threads divide
-  int threads = at::in_parallel_region() || M * Np * K64 < kSerialMacs ? 1 : at::get_num_threads();
+  int threads = at::in_parallel_region() || M * panels * kPanel * K64 < kSerialMacs ? 1 : at::get_num_threads();
   threads = int(std::min<int64_t>(threads, units));
 #pragma omp parallel num_threads(threads)
   {
@@ -470,10 +482,21 @@ void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t
       if (n > 1) {
 #pragma omp barrier
       }
-      amx_rows_panels(codes, K64, 0, M, packed, panel_bytes, panels * t / n, panels * (t + 1) / n, e, y);
+      // This thread's panels [g0, g1) of the targets' panels counted one after the other.
+      const int64_t g0 = panels * t / n, g1 = panels * (t + 1) / n;
+      int64_t first = 0;
+      for (const auto& target : targets) {
+        const int64_t count = target.Np / kPanel, p0 = std::max(g0 - first, int64_t(0));
+        const int64_t p1 = std::min(g1 - first, count);
+        if (p0 < p1) amx_rows_panels(codes, K64, 0, M, target.packed, panel_bytes, p0, p1, target.e, target.y);
+        first += count;
+      }
     } else {
       for (int64_t m = r0; m < r1; m += kAmxChunk) {
-        amx_rows_panels(codes, K64, m, std::min(r1, m + kAmxChunk), packed, panel_bytes, 0, panels, e, y);
+        for (const auto& target : targets) {
+          amx_rows_panels(codes, K64, m, std::min(r1, m + kAmxChunk), target.packed, panel_bytes, 0,
+                          target.Np / kPanel, target.e, target.y);
+        }
       }
     }
     amx_release();
@@ -560,63 +583,136 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const std::opti
   return {codes.view(x.sizes()), scales.view(lead)};
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
-                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth,
-                  const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_zero_point,
-                  const std::optional<at::Tensor>& w_onednn, int64_t onednn_min_rows, int64_t amx_min_rows) {
-  const at::Tensor x2 = as_2d(x);
-  const int64_t M = x2.size(0), K = x2.size(1), N = w_scale.size(0);
-  const int64_t Np = w_sum.size(0), Kp = round_up(K, 4);
-  LOWBIT_CHECK(w_packed.numel() == Np * Kp && Np == round_up(N, kPanel) && w_sum.scalar_type() == at::kInt,
+// A layer's packed weight as the native GEMMs read it, checked against the activations' K.
+struct LayerWeight {
+  at::Tensor packed, sum, scale;
+  std::optional<at::Tensor> bias;
+  int64_t N, Np;
+};
+
+LayerWeight checked_weight(const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                           const std::optional<at::Tensor>& bias, int64_t K) {
+  const int64_t N = w_scale.size(0), Np = w_sum.size(0), Kp = round_up(K, 4);
+  LOWBIT_CHECK(w_packed.numel() == Np * Kp && Np == round_up(N, kPanel) && w_sum.scalar_type() == at::kInt &&
+                   w_packed.scalar_type() == at::kChar && w_packed.is_contiguous() && w_sum.is_contiguous(),
                "packed weight [", w_packed.numel(), "] / sums [", Np, "] do not fit K=", K, ", N=", N,
                "; repack the weight with w8a8_pack");
   LOWBIT_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "w_scale must be contiguous float32");
   LOWBIT_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
                "bias must be a contiguous float32 [", N, "] tensor");
-  const ActQuant aq = act_quant(smooth, x_scale, x_zero_point, K);
-  const at::ScalarType out_dtype = x.scalar_type();
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
+  return {w_packed, w_sum, w_scale, bias, N, Np};
+}
+
+// Outputs of the weights' layers for x [M, K] (quantized once), shaped like `x` with its last
+// dimension N: AMX tiles from `amx_min_rows` rows where available, else the VNNI GEMM.
+template <typename TO>
+std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const ActQuant& aq,
+                                      const std::vector<LayerWeight>& weights, int64_t amx_min_rows) {
+  const int64_t M = x2.size(0), K = x2.size(1), Kp = round_up(K, 4);
   at::Tensor scales = at::empty({M}, at::kFloat);
-  at::Tensor y;
-  if (w_onednn && M >= onednn_min_rows) {
-    at::Tensor codes = at::empty({M, K}, at::kByte);
-    quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), K, scales.data_ptr<float>());
-    if (aq.dynamic) {
-      at::Tensor acc = onednn_linear(codes, 1.0, 128, *w_onednn, w_scale, std::nullopt, at::kFloat);
-      y = out_dtype == at::kFloat ? acc : at::empty({M, N}, out_dtype);
-      scale_rows(acc, scales.const_data_ptr<float>(), bias ? bias->const_data_ptr<float>() : nullptr, y);
-    } else {
-      y = onednn_linear(codes, aq.scale, aq.code_zero(), *w_onednn, w_scale, bias, out_dtype);
-    }
-    return y.view(out_shape);
+  std::vector<at::Tensor> outs;
+  std::vector<Target<TO>> targets;
+  for (const auto& w : weights) {
+    outs.push_back(at::empty({M, w.N}, x.scalar_type()));
+    const Epilogue e{w.sum.const_data_ptr<int32_t>(), w.scale.const_data_ptr<float>(),
+                     w.bias ? w.bias->const_data_ptr<float>() : nullptr,
+                     aq.dynamic ? scales.const_data_ptr<float>() : nullptr, aq.scale, aq.code_zero(), w.N};
+    targets.push_back({w.packed.const_data_ptr<int8_t>(), w.Np, e, outs.back().data_ptr<TO>()});
   }
-  y = at::empty({M, N}, out_dtype);
-  const Epilogue e{w_sum.const_data_ptr<int32_t>(), w_scale.const_data_ptr<float>(),
-                   bias ? bias->const_data_ptr<float>() : nullptr, aq.dynamic ? scales.const_data_ptr<float>() : nullptr,
-                   aq.scale, aq.code_zero(), N};
-  if (M >= amx_min_rows && amx_ready() && amx_tail_readable(w_packed, K)) {
+  bool amx = M >= amx_min_rows && amx_ready();
+  for (const auto& w : weights) amx = amx && amx_tail_readable(w.packed, K);
+  if (amx) {
     const int64_t K64 = round_up(K, kAmxK), rows = round_up(M, 32);
     at::Tensor codes = at::empty({rows, K64}, at::kByte);
     if (rows > M) std::memset(codes.data_ptr<uint8_t>() + M * K64, 0, (rows - M) * K64);
-    if (out_dtype == at::kFloat) {
-      amx_linear(x2, aq, codes.data_ptr<uint8_t>(), K64, scales.data_ptr<float>(), w_packed.const_data_ptr<int8_t>(),
-                 Np, Kp, e, y.data_ptr<float>());
-    } else {
-      amx_linear(x2, aq, codes.data_ptr<uint8_t>(), K64, scales.data_ptr<float>(), w_packed.const_data_ptr<int8_t>(),
-                 Np, Kp, e, y.data_ptr<at::BFloat16>());
-    }
-    return y.view(out_shape);
-  }
-  at::Tensor codes = at::empty({M, Kp}, at::kByte);
-  quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), Kp, scales.data_ptr<float>());
-  if (out_dtype == at::kFloat) {
-    small_gemm(codes.const_data_ptr<uint8_t>(), M, Kp, w_packed.const_data_ptr<int8_t>(), Np, e, y.data_ptr<float>());
+    amx_linear(x2, aq, codes.data_ptr<uint8_t>(), K64, scales.data_ptr<float>(), Kp, targets);
   } else {
-    small_gemm(codes.const_data_ptr<uint8_t>(), M, Kp, w_packed.const_data_ptr<int8_t>(), Np, e,
-               y.data_ptr<at::BFloat16>());
+    at::Tensor codes = at::empty({M, Kp}, at::kByte);
+    quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), Kp, scales.data_ptr<float>());
+    for (const auto& target : targets) {
+      small_gemm(codes.const_data_ptr<uint8_t>(), M, Kp, target.packed, target.Np, target.e, target.y);
+    }
+  }
+  for (size_t i = 0; i < outs.size(); ++i) {
+    auto shape = x.sizes().vec();
+    shape.back() = weights[i].N;
+    outs[i] = outs[i].view(shape);
+  }
+  return outs;
+}
+
+std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const ActQuant& aq,
+                                      const std::vector<LayerWeight>& weights, int64_t amx_min_rows) {
+  return x.scalar_type() == at::kFloat ? native_layers<float>(x, x2, aq, weights, amx_min_rows)
+                                       : native_layers<at::BFloat16>(x, x2, aq, weights, amx_min_rows);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth,
+                  const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_zero_point,
+                  const std::optional<at::Tensor>& w_onednn, int64_t onednn_min_rows, int64_t amx_min_rows) {
+  const at::Tensor x2 = as_2d(x);
+  const int64_t M = x2.size(0), K = x2.size(1);
+  const LayerWeight w = checked_weight(w_packed, w_sum, w_scale, bias, K);
+  const ActQuant aq = act_quant(smooth, x_scale, x_zero_point, K);
+  if (!(w_onednn && M >= onednn_min_rows)) return native_layers(x, x2, aq, {w}, amx_min_rows)[0];
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = w.N;
+  at::Tensor scales = at::empty({M}, at::kFloat);
+  at::Tensor codes = at::empty({M, K}, at::kByte);
+  quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), K, scales.data_ptr<float>());
+  at::Tensor y;
+  if (aq.dynamic) {
+    at::Tensor acc = onednn_linear(codes, 1.0, 128, *w_onednn, w_scale, std::nullopt, at::kFloat);
+    y = x.scalar_type() == at::kFloat ? acc : at::empty({M, w.N}, x.scalar_type());
+    scale_rows(acc, scales.const_data_ptr<float>(), bias ? bias->const_data_ptr<float>() : nullptr, y);
+  } else {
+    y = onednn_linear(codes, aq.scale, aq.code_zero(), *w_onednn, w_scale, bias, x.scalar_type());
   }
   return y.view(out_shape);
+}
+
+// Several layers reading the same x (attention's q, k, v; an MLP's gate and up): the activations
+// are quantized once and one OpenMP team runs all the weights; each output equals w8a8_linear's
+// bit for bit. `bias` is empty (no layer has one) or one per layer.
+std::vector<at::Tensor> linear_group(const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum,
+                                     at::TensorList w_scale, at::TensorList bias,
+                                     const std::optional<at::Tensor>& smooth,
+                                     const std::optional<at::Tensor>& x_scale,
+                                     const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
+  const size_t count = w_packed.size();
+  LOWBIT_CHECK(count >= 1 && w_sum.size() == count && w_scale.size() == count && (bias.empty() || bias.size() == count),
+               "w8a8_linear_pair/triple need one packed weight, sums and scale per layer (", w_packed.size(), ", ",
+               w_sum.size(), ", ", w_scale.size(), ") and no bias or one per layer (", bias.size(), ")");
+  const at::Tensor x2 = as_2d(x);
+  const int64_t K = x2.size(1);
+  std::vector<LayerWeight> weights;
+  for (size_t i = 0; i < count; ++i) {
+    weights.push_back(checked_weight(w_packed[i], w_sum[i], w_scale[i],
+                                     bias.empty() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(bias[i]), K));
+  }
+  return native_layers(x, x2, act_quant(smooth, x_scale, x_zero_point, K), weights, amx_min_rows);
+}
+
+// linear_group for two and three layers: a fixed number of tensor outputs, which torch.compile's
+// C++ wrapper calls through the dispatcher (a Tensor[] result would go through Python).
+std::tuple<at::Tensor, at::Tensor> linear_pair(const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum,
+                                               at::TensorList w_scale, at::TensorList bias,
+                                               const std::optional<at::Tensor>& smooth,
+                                               const std::optional<at::Tensor>& x_scale,
+                                               const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
+  LOWBIT_CHECK(w_packed.size() == 2, "w8a8_linear_pair takes two layers, got ", w_packed.size());
+  auto y = linear_group(x, w_packed, w_sum, w_scale, bias, smooth, x_scale, x_zero_point, amx_min_rows);
+  return {y[0], y[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_triple(
+    const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum, at::TensorList w_scale, at::TensorList bias,
+    const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& x_scale,
+    const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
+  LOWBIT_CHECK(w_packed.size() == 3, "w8a8_linear_triple takes three layers, got ", w_packed.size());
+  auto y = linear_group(x, w_packed, w_sum, w_scale, bias, smooth, x_scale, x_zero_point, amx_min_rows);
+  return {y[0], y[1], y[2]};
 }
 
 // Static per-tensor activations through a k x k convolution: quantize channels-last, oneDNN's int8 conv.
@@ -649,6 +745,12 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def(
       "w8a8_linear(Tensor x, Tensor w_packed, Tensor w_sum, Tensor w_scale, Tensor? bias, Tensor? smooth, "
       "Tensor? x_scale, Tensor? x_zero_point, Tensor? w_onednn, int onednn_min_rows, int amx_min_rows) -> Tensor");
+  m.def(
+      "w8a8_linear_pair(Tensor x, Tensor[] w_packed, Tensor[] w_sum, Tensor[] w_scale, Tensor[] bias, "
+      "Tensor? smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor)");
+  m.def(
+      "w8a8_linear_triple(Tensor x, Tensor[] w_packed, Tensor[] w_sum, Tensor[] w_scale, Tensor[] bias, "
+      "Tensor? smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor, Tensor)");
   m.def("amx_available() -> bool", &lowbit::int8::amx_ready);
   m.def(
       "w8a8_conv2d(Tensor x, Tensor? smooth, Tensor x_scale, Tensor? x_zero_point, Tensor w_onednn, Tensor w_scale, "
@@ -659,6 +761,8 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("w8a8_pack", &lowbit::int8::pack);
   m.impl("w8a8_quantize", &lowbit::int8::quantize);
   m.impl("w8a8_linear", &lowbit::int8::linear);
+  m.impl("w8a8_linear_pair", &lowbit::int8::linear_pair);
+  m.impl("w8a8_linear_triple", &lowbit::int8::linear_triple);
   m.impl("w8a8_conv2d", &lowbit::int8::conv2d);
 }
 
