@@ -96,43 +96,6 @@ def test_smoothquant_collects_sampled_rows_only_for_the_alpha_search():
         assert stats_needed(algorithm, scheme) == expected, options
 
 
-def test_smoothquant_layers_reading_one_input_share_their_divisor():
-    """q, k and v read one input: one divisor for the three, from the largest |W_j| over their
-    weights (SmoothQuant's joint smoothing), so their activations can be quantized once."""
-    from transformers import BertConfig, BertModel
-
-    from lowbit.algorithms.smoothquant import smoothing_factors
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=32)  # fmt: skip
-    model = BertModel(config).eval()
-    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    batches = [{"input_ids": torch.randint(0, 60, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long)}]
-    seen = {}
-    handle = model.encoder.layer[0].attention.self.query.register_forward_pre_hook(
-        lambda module, args: seen.update(x=args[0])
-    )
-    with torch.no_grad():
-        model(**batches[0])
-    handle.remove()
-    recipe = {"rules": [{"types": ["Linear"], "weight": "int8", "activation": "dynamic",
-                         "algorithm": "smoothquant", "options": {"alpha": 0.5}}]}  # fmt: skip
-    lowbit.quantize(model, lowbit.Recipe.from_dict(recipe), calib=batches)
-    for layer in model.encoder.layer:
-        attention = layer.attention.self
-        assert torch.equal(attention.query.input_smooth, attention.key.input_smooth)
-        assert torch.equal(attention.query.input_smooth, attention.value.input_smooth)
-    prefix = "encoder.layer.0.attention.self."
-    joint = torch.cat([weights[prefix + n] for n in ("query", "key", "value")])
-    absmax = seen["x"].reshape(-1, 32).abs().amax(dim=0)
-    want = smoothing_factors(absmax, joint, 0.5)
-    assert torch.allclose(model.encoder.layer[0].attention.self.query.input_smooth, want, rtol=1e-5)
-    # the intermediate layer reads another input and keeps a divisor of its own
-    own = model.encoder.layer[0].intermediate.dense.input_smooth
-    assert own.shape == want.shape and not torch.equal(own, want)
-
-
 @pytest.mark.parametrize("estimator", ["mse", {"type": "percentile", "percentile": 99.9}])
 def test_static_smoothquant_with_a_clipping_range_estimator(estimator):
     """A smoothed input's static range from a clipping estimator is found from sampled rows, which

@@ -20,7 +20,6 @@ from torch import nn
 from . import distributed, sparse
 from .algorithms import Algorithm, as_result, get_algorithm
 from .algorithms.awq import search_scales
-from .algorithms.smoothquant import shared_smoothing
 from .calibration import collect_statistics
 from .errors import DataError, SpecError
 from .models import Loaded
@@ -154,33 +153,21 @@ class _Quantizer:
     def block(
         self, block: nn.Module, prefix: str, names: list[str], stats: dict, inputs: dict, norm_outputs: dict, probe
     ) -> None:
-        """Quantize the named layers of one block. AWQ layers reading the same input share their
-        scales, which are then folded into the producing norm where that leaves the block unchanged;
-        SmoothQuant layers reading the same input share their divisor (searched on their weights
-        together, as the SmoothQuant paper does for q/k/v), so their activations are quantized once
-        at run time (``kernels.shared_input``)."""
+        """Quantize the named layers of one block; AWQ layers reading the same input share their
+        scales, which are then folded into the producing norm where that leaves the block unchanged."""
         groups: dict[int, list[str]] = {}
         for name in names:
-            if self.plan[name].algorithm in ("awq", "smoothquant") and name in inputs:
+            if self.plan[name].algorithm == "awq" and name in inputs:
                 groups.setdefault(id(inputs[name]), []).append(name)
         shared: dict[str, torch.Tensor] = {}
         for members in groups.values():
-            schemes = [self.plan[m] for m in members]
-            same = all(
-                (s.algorithm, s.weight, s.activation, s.options)
-                == (schemes[0].algorithm, schemes[0].weight, schemes[0].activation, schemes[0].options)
-                for s in schemes
-            )
-            weights = [block.get_submodule(m[len(prefix) :]).weight.detach().float() for m in members]
-            if len(members) < 2 or not same or any(w.dim() != 2 for w in weights):
-                continue
-            scheme, first = schemes[0], stats[members[0]]
-            if scheme.algorithm == "awq":
-                duo = bool(scheme.options.get("duo", False))
-                scale = search_scales(weights, first.samples, scheme.weight, scheme.options.get("grid", 20), duo)
-            else:
-                scale = shared_smoothing(weights, scheme.weight, first, scheme.activation, scheme.options, members[0])
-            shared.update({m: scale for m in members})
+            specs = {self.plan[m].weight for m in members}
+            if len(members) > 1 and len(specs) == 1:
+                weights = [block.get_submodule(m[len(prefix) :]).weight.detach().float() for m in members]
+                options = self.plan[members[0]].options
+                duo = bool(options.get("duo", False))
+                scale = search_scales(weights, stats[members[0]].samples, specs.pop(), options.get("grid", 20), duo)
+                shared.update({m: scale for m in members})
         for name in names:
             extra = {"shared_scale": shared[name]} if name in shared else {}
             self.layer(name, stats.get(name), block, prefix, **extra)

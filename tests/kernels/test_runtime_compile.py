@@ -210,8 +210,9 @@ class _Siblings(torch.nn.Module):
 
 
 def test_layers_reading_one_input_run_as_one_grouped_call(monkeypatch):
-    """kernels.shared_input groups the five sibling layers (a triple and a pair: activations
-    quantized twice instead of five times); outputs equal the eager model's."""
+    """kernels.shared_input groups the five sibling layers (a triple and a pair, one call each);
+    two of them have SmoothQuant divisors of their own (quantized once per divisor), which puts
+    them in the pair. Outputs equal the eager model's."""
     from lowbit import kernels
     from lowbit.kernels import shared_input
 
@@ -221,6 +222,8 @@ def test_layers_reading_one_input_run_as_one_grouped_call(monkeypatch):
     model = _Siblings().eval()
     lowbit.quantize(model, "int8-dynamic-rtn")
     assert quantized_layers(model) == 6
+    model.branches[0].set_input_smooth(torch.rand(48) + 0.5)
+    model.branches[3].set_input_smooth(torch.rand(48) + 0.5)
     replaced = []
     real = shared_input.group_shared_inputs
     monkeypatch.setattr(shared_input, "group_shared_inputs", lambda graph: replaced.append(real(graph)))

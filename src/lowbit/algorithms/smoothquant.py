@@ -3,8 +3,7 @@
 x W^T = (x / s)(W s)^T with s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha). The quantized layer
 keeps s as its ``input_smooth`` divisor (applied while activations are quantized, so nothing
 needs folding into the previous op). ``alpha`` is fixed, or "auto": searched per layer for
-the least output error on sampled calibration inputs. Layers that read the same input (q, k, v)
-share one s, found on their weights together (``shared_smoothing``).
+the least output error on sampled calibration inputs.
 """
 
 from __future__ import annotations
@@ -84,10 +83,8 @@ def smoothquant(
     activation: ActivationSpec | None = None,
     groups: int = 1,
     alpha: float | str = 0.5,
-    shared_scale: torch.Tensor | None = None,
 ) -> LayerResult:
-    """Smooth, then round to nearest; ``alpha="auto"`` searches 0.0..1.0 per layer.
-    ``shared_scale``: the divisor already chosen for all layers reading this input."""
+    """Smooth, then round to nearest; ``alpha="auto"`` searches 0.0..1.0 per layer."""
     if stats is None or stats.channel_min is None:
         raise DataError(f"{name}: smoothquant needs calibration statistics; pass calibration data")
     if alpha == "auto":
@@ -98,9 +95,6 @@ def smoothquant(
         raise SpecError(f"{name}: smoothquant alpha={alpha!r} must be a number in [0, 1] or 'auto'")
     act = activation or ActivationSpec()
     weight = weight.detach().float()
-    if shared_scale is not None:
-        qweight = QTensor.quantize(scale_input_channels(weight, shared_scale, groups), spec, name=name)
-        return LayerResult(qweight, smooth=shared_scale)
     if weight.dim() != 2:  # conv: the search would need unfolded patches; use the middle of the grid
         alphas = alphas if len(alphas) == 1 else (0.5,)
     best: tuple[float, LayerResult] | None = None
@@ -114,11 +108,3 @@ def smoothquant(
         if best is None or err < best[0]:
             best = (err, result)
     return best[1]
-
-
-def shared_smoothing(
-    weights: list[torch.Tensor], spec: QuantSpec, stats, activation: ActivationSpec, options: dict, name: str
-) -> torch.Tensor:
-    """One divisor for Linear layers that read the same input: s from the largest |W_j| over all
-    their weights, alpha searched on the sum of their output errors (their stacked weight rows)."""
-    return smoothquant(torch.cat(weights), spec, stats, name=name, activation=activation, **options).smooth

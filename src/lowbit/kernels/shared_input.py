@@ -1,9 +1,10 @@
 """A torch.compile graph pass: W8A8 layers that read the same activations (attention's q, k and v;
 an MLP's gate and up projections) become one ``lowbit.w8a8_linear_triple`` or ``_pair`` call, which
-quantizes those activations once and runs all the weights in one thread team (outputs bit-equal
-to the separate calls). Found from the graph, so no model needs driver code. (Fixed-size groups:
-torch.compile's C++ wrapper calls ops with a fixed number of outputs through the dispatcher, but an
-op returning a list through Python, which costs more than the grouping saves.)
+quantizes those activations once per distinct SmoothQuant divisor and runs all the weights in one
+thread team: one call, one fork and join instead of several (outputs bit-equal to the separate
+calls). Found from the graph, so no model needs driver code. Groups have a fixed size because
+torch.compile's C++ wrapper calls ops with a fixed number of outputs through the dispatcher, but
+an op returning a list through Python, which costs more than the grouping saves.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ class SharedInputLinears(CustomGraphPass):
 
 
 def group_shared_inputs(graph: torch.fx.Graph) -> int:
-    """Replace each set of >= 2 native W8A8 calls with the same input and activation quantization
-    (and all with or all without bias) by one grouped call; returns the number of calls replaced.
-    Calls that use oneDNN's weight (many rows without AMX) stay as they are."""
+    """Replace each set of >= 2 native W8A8 calls with the same input and static activation
+    parameters (all with or all without bias, and SmoothQuant divisor) by grouped calls; returns
+    the number of calls replaced. Calls that use oneDNN's weight (many rows without AMX) stay."""
     if not _load_native():
         return 0
     linear = torch.ops.lowbit.w8a8_linear.default
@@ -43,7 +44,8 @@ def group_shared_inputs(graph: torch.fx.Graph) -> int:
         if node.op == "call_function" and node.target is linear and len(node.args) == 11 and not node.kwargs:
             args = node.args
             if args[_ONEDNN] is None:
-                key = (args[_X], args[_SMOOTH], args[_X_SCALE], args[_X_ZERO], args[_AMX_MIN], args[_BIAS] is None)
+                none = (args[_BIAS] is None, args[_SMOOTH] is None)
+                key = (args[_X], args[_X_SCALE], args[_X_ZERO], args[_AMX_MIN], none)
                 sets[key].append(node)
     replaced = 0
     for nodes in sets.values():
@@ -68,7 +70,7 @@ def _chunks(members: list[torch.fx.Node]) -> list[list[torch.fx.Node]]:
 
 
 def _weight_args(node: torch.fx.Node) -> list:
-    return [node.args[i] for i in (_PACKED, _SUMS, _SCALE, _BIAS)]
+    return [node.args[i] for i in (_PACKED, _SUMS, _SCALE, _BIAS, _SMOOTH)]
 
 
 def _defined_before(arg, first: torch.fx.Node, order: dict) -> bool:
@@ -80,6 +82,7 @@ def _replace(graph: torch.fx.Graph, members: list[torch.fx.Node]) -> None:
     first = members[0]
     args = first.args
     biases = [] if args[_BIAS] is None else [n.args[_BIAS] for n in members]
+    smooths = [] if args[_SMOOTH] is None else [n.args[_SMOOTH] for n in members]
     with graph.inserting_before(first):
         group = graph.call_function(
             (torch.ops.lowbit.w8a8_linear_pair if len(members) == 2 else torch.ops.lowbit.w8a8_linear_triple).default,
@@ -89,7 +92,7 @@ def _replace(graph: torch.fx.Graph, members: list[torch.fx.Node]) -> None:
                 [n.args[_SUMS] for n in members],
                 [n.args[_SCALE] for n in members],
                 biases,
-                args[_SMOOTH],
+                smooths,
                 args[_X_SCALE],
                 args[_X_ZERO],
                 args[_AMX_MIN],

@@ -442,30 +442,40 @@ void amx_rows_panels(const uint8_t* codes, int64_t K64, int64_t m0, int64_t m1, 
   }
 }
 
+// Activation codes for a group of layers: one per distinct quantization of x (its SmoothQuant
+// divisor), shared by the layers that use it.
+struct Quantization {
+  ActQuant aq;
+  Divisor d;
+  uint8_t* codes;
+  float* scales;
+};
+
 // One layer of a group that reads the same activations (e.g. attention's q, k, v): its packed
-// weight, epilogue and output. The group's rows are quantized once for all of them.
+// weight, epilogue (whose x_scale are its quantization's scales), codes and output.
 template <typename TO>
 struct Target {
   const int8_t* packed;
   int64_t Np;
   Epilogue e;
+  const uint8_t* codes;
   TO* y;
 };
 
 // y_i = quantized rows of x times packed weight i for every target, in one OpenMP team. Each
-// thread first quantizes its own share of the rows: rows an elementwise producer split by rows (as
-// Inductor's kernels are) left in that core's cache. Few rows (decode to MiniLM's 1 x 32): after a
-// barrier, threads split the targets' panels (as one list), so each weight byte crosses from L3
-// once. Many rows: each thread goes on with its own rows, in chunks of kAmxChunk rows that stay in
-// L2 against every panel. `codes` [round_up(M, 32), K64] has its padding rows zeroed.
+// thread first quantizes its own share of the rows (for every quantization): rows an elementwise
+// producer split by rows (as Inductor's kernels are) left in that core's cache. Few rows (decode
+// to MiniLM's 1 x 32): after a barrier, threads split the targets' panels (as one list), so each
+// weight byte crosses from L3 once. Many rows: each thread goes on with its own rows, in chunks of
+// kAmxChunk rows that stay in L2 against every panel. Codes are [round_up(M, 32), K64] with their
+// padding rows zeroed.
 template <typename TO>
-void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t K64, float* scales, int64_t Kp,
+void amx_linear(const at::Tensor& x, const std::vector<Quantization>& quants, int64_t K64, int64_t Kp,
                 const std::vector<Target<TO>>& targets) {
   constexpr int64_t kAmxChunk = 256, kSplitPanelsUpTo = 64, kSerialMacs = int64_t(1) << 20;
   const int64_t M = x.size(0), panel_bytes = kPanel * Kp;
   int64_t panels = 0;
   for (const auto& t : targets) panels += t.Np / kPanel;
-  const Divisor d = divisor_for_rows(x, aq);
   const bool split_panels = M <= kSplitPanelsUpTo;
   const int64_t units = split_panels ? panels : (M + 15) / 16;  // what the threads divide
   int threads = at::in_parallel_region() || M * panels * kPanel * K64 < kSerialMacs ? 1 : at::get_num_threads();
@@ -476,7 +486,7 @@ void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t
     // This thread's rows, in whole 16-row blocks.
     const int64_t blocks = (M + 15) / 16;
     const int64_t r0 = std::min(M, blocks * t / n * 16), r1 = std::min(M, blocks * (t + 1) / n * 16);
-    quantize_row_range(x, aq, d, r0, r1, codes, K64, scales);
+    for (const auto& q : quants) quantize_row_range(x, q.aq, q.d, r0, r1, q.codes, K64, q.scales);
     amx_configure();
     if (split_panels) {
       if (n > 1) {
@@ -488,13 +498,13 @@ void amx_linear(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t
       for (const auto& target : targets) {
         const int64_t count = target.Np / kPanel, p0 = std::max(g0 - first, int64_t(0));
         const int64_t p1 = std::min(g1 - first, count);
-        if (p0 < p1) amx_rows_panels(codes, K64, 0, M, target.packed, panel_bytes, p0, p1, target.e, target.y);
+        if (p0 < p1) amx_rows_panels(target.codes, K64, 0, M, target.packed, panel_bytes, p0, p1, target.e, target.y);
         first += count;
       }
     } else {
       for (int64_t m = r0; m < r1; m += kAmxChunk) {
         for (const auto& target : targets) {
-          amx_rows_panels(codes, K64, m, std::min(r1, m + kAmxChunk), target.packed, panel_bytes, 0,
+          amx_rows_panels(target.codes, K64, m, std::min(r1, m + kAmxChunk), target.packed, panel_bytes, 0,
                           target.Np / kPanel, target.e, target.y);
         }
       }
@@ -542,15 +552,19 @@ void scale_rows(const at::Tensor& y, const float* xscale, const float* bias, at:
 // ---------------------------------------------------------------------------------------------
 // Ops
 
+// A SmoothQuant divisor's data (null: none), checked.
+const float* checked_smooth(const std::optional<at::Tensor>& smooth, int64_t K) {
+  if (!smooth) return nullptr;
+  LOWBIT_CHECK(smooth->scalar_type() == at::kFloat && smooth->is_contiguous() && smooth->numel() == K,
+               "smooth must be a contiguous float32 [", K, "] tensor, got ", smooth->scalar_type(), " ",
+               smooth->sizes());
+  return smooth->const_data_ptr<float>();
+}
+
 ActQuant act_quant(const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& x_scale,
                    const std::optional<at::Tensor>& x_zero_point, int64_t K) {
   ActQuant aq;
-  if (smooth) {
-    LOWBIT_CHECK(smooth->scalar_type() == at::kFloat && smooth->is_contiguous() && smooth->numel() == K,
-                 "smooth must be a contiguous float32 [", K, "] tensor, got ", smooth->scalar_type(), " ",
-                 smooth->sizes());
-    aq.smooth = smooth->const_data_ptr<float>();
-  }
+  aq.smooth = checked_smooth(smooth, K);
   if (x_scale) {
     aq.dynamic = false;
     aq.scale = x_scale->item<float>();
@@ -583,15 +597,17 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const std::opti
   return {codes.view(x.sizes()), scales.view(lead)};
 }
 
-// A layer's packed weight as the native GEMMs read it, checked against the activations' K.
+// A layer's packed weight as the native GEMMs read it, checked against the activations' K, and
+// its SmoothQuant divisor (null: none).
 struct LayerWeight {
   at::Tensor packed, sum, scale;
   std::optional<at::Tensor> bias;
+  const float* smooth;
   int64_t N, Np;
 };
 
 LayerWeight checked_weight(const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
-                           const std::optional<at::Tensor>& bias, int64_t K) {
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth, int64_t K) {
   const int64_t N = w_scale.size(0), Np = w_sum.size(0), Kp = round_up(K, 4);
   LOWBIT_CHECK(w_packed.numel() == Np * Kp && Np == round_up(N, kPanel) && w_sum.scalar_type() == at::kInt &&
                    w_packed.scalar_type() == at::kChar && w_packed.is_contiguous() && w_sum.is_contiguous(),
@@ -600,38 +616,52 @@ LayerWeight checked_weight(const at::Tensor& w_packed, const at::Tensor& w_sum, 
   LOWBIT_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "w_scale must be contiguous float32");
   LOWBIT_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
                "bias must be a contiguous float32 [", N, "] tensor");
-  return {w_packed, w_sum, w_scale, bias, N, Np};
+  return {w_packed, w_sum, w_scale, bias, checked_smooth(smooth, K), N, Np};
 }
 
-// Outputs of the weights' layers for x [M, K] (quantized once), shaped like `x` with its last
-// dimension N: AMX tiles from `amx_min_rows` rows where available, else the VNNI GEMM.
+// Outputs of the weights' layers for x [M, K], shaped like `x` with its last dimension N: AMX
+// tiles from `amx_min_rows` rows where available, else the VNNI GEMM. x is quantized once per
+// distinct divisor (`base` with each layer's smooth), not once per layer.
 template <typename TO>
-std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const ActQuant& aq,
+std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const ActQuant& base,
                                       const std::vector<LayerWeight>& weights, int64_t amx_min_rows) {
   const int64_t M = x2.size(0), K = x2.size(1), Kp = round_up(K, 4);
-  at::Tensor scales = at::empty({M}, at::kFloat);
-  std::vector<at::Tensor> outs;
-  std::vector<Target<TO>> targets;
-  for (const auto& w : weights) {
-    outs.push_back(at::empty({M, w.N}, x.scalar_type()));
-    const Epilogue e{w.sum.const_data_ptr<int32_t>(), w.scale.const_data_ptr<float>(),
-                     w.bias ? w.bias->const_data_ptr<float>() : nullptr,
-                     aq.dynamic ? scales.const_data_ptr<float>() : nullptr, aq.scale, aq.code_zero(), w.N};
-    targets.push_back({w.packed.const_data_ptr<int8_t>(), w.Np, e, outs.back().data_ptr<TO>()});
-  }
   bool amx = M >= amx_min_rows && amx_ready();
   for (const auto& w : weights) amx = amx && amx_tail_readable(w.packed, K);
+  const int64_t ldc = amx ? round_up(K, kAmxK) : Kp, rows = amx ? round_up(M, 32) : M;
+  std::vector<const float*> divisors;
+  std::vector<size_t> which;  // each layer's quantization
+  for (const auto& w : weights) {
+    const auto at = std::find(divisors.begin(), divisors.end(), w.smooth);
+    which.push_back(at - divisors.begin());
+    if (at == divisors.end()) divisors.push_back(w.smooth);
+  }
+  const int64_t count = int64_t(divisors.size());
+  at::Tensor codes = at::empty({count, rows, ldc}, at::kByte), scales = at::empty({count, M}, at::kFloat);
+  std::vector<Quantization> quants;
+  for (int64_t i = 0; i < count; ++i) {
+    ActQuant aq = base;
+    aq.smooth = divisors[i];
+    uint8_t* c = codes.data_ptr<uint8_t>() + i * rows * ldc;
+    if (rows > M) std::memset(c + M * ldc, 0, (rows - M) * ldc);
+    quants.push_back({aq, divisor_for_rows(x2, aq), c, scales.data_ptr<float>() + i * M});
+  }
+  std::vector<at::Tensor> outs;
+  std::vector<Target<TO>> targets;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    const Quantization& q = quants[which[i]];
+    outs.push_back(at::empty({M, w.N}, x.scalar_type()));
+    const Epilogue e{w.sum.const_data_ptr<int32_t>(), w.scale.const_data_ptr<float>(),
+                     w.bias ? w.bias->const_data_ptr<float>() : nullptr, base.dynamic ? q.scales : nullptr,
+                     base.scale, base.code_zero(), w.N};
+    targets.push_back({w.packed.const_data_ptr<int8_t>(), w.Np, e, q.codes, outs.back().data_ptr<TO>()});
+  }
   if (amx) {
-    const int64_t K64 = round_up(K, kAmxK), rows = round_up(M, 32);
-    at::Tensor codes = at::empty({rows, K64}, at::kByte);
-    if (rows > M) std::memset(codes.data_ptr<uint8_t>() + M * K64, 0, (rows - M) * K64);
-    amx_linear(x2, aq, codes.data_ptr<uint8_t>(), K64, scales.data_ptr<float>(), Kp, targets);
+    amx_linear(x2, quants, ldc, Kp, targets);
   } else {
-    at::Tensor codes = at::empty({M, Kp}, at::kByte);
-    quantize_rows(x2, aq, codes.data_ptr<uint8_t>(), Kp, scales.data_ptr<float>());
-    for (const auto& target : targets) {
-      small_gemm(codes.const_data_ptr<uint8_t>(), M, Kp, target.packed, target.Np, target.e, target.y);
-    }
+    for (const auto& q : quants) quantize_rows(x2, q.aq, q.codes, ldc, q.scales);
+    for (const auto& t : targets) small_gemm(t.codes, M, Kp, t.packed, t.Np, t.e, t.y);
   }
   for (size_t i = 0; i < outs.size(); ++i) {
     auto shape = x.sizes().vec();
@@ -653,7 +683,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Ten
                   const std::optional<at::Tensor>& w_onednn, int64_t onednn_min_rows, int64_t amx_min_rows) {
   const at::Tensor x2 = as_2d(x);
   const int64_t M = x2.size(0), K = x2.size(1);
-  const LayerWeight w = checked_weight(w_packed, w_sum, w_scale, bias, K);
+  const LayerWeight w = checked_weight(w_packed, w_sum, w_scale, bias, smooth, K);
   const ActQuant aq = act_quant(smooth, x_scale, x_zero_point, K);
   if (!(w_onednn && M >= onednn_min_rows)) return native_layers(x, x2, aq, {w}, amx_min_rows)[0];
   auto out_shape = x.sizes().vec();
@@ -672,33 +702,35 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Ten
   return y.view(out_shape);
 }
 
-// Several layers reading the same x (attention's q, k, v; an MLP's gate and up): the activations
-// are quantized once and one OpenMP team runs all the weights; each output equals w8a8_linear's
-// bit for bit. `bias` is empty (no layer has one) or one per layer.
+// Several layers reading the same x (attention's q, k, v; an MLP's gate and up) in one call and
+// one OpenMP team, x quantized once per distinct divisor; each output equals w8a8_linear's bit for
+// bit. `bias` and `smooth` are empty (no layer has one) or one per layer.
 std::vector<at::Tensor> linear_group(const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum,
-                                     at::TensorList w_scale, at::TensorList bias,
-                                     const std::optional<at::Tensor>& smooth,
+                                     at::TensorList w_scale, at::TensorList bias, at::TensorList smooth,
                                      const std::optional<at::Tensor>& x_scale,
                                      const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
   const size_t count = w_packed.size();
-  LOWBIT_CHECK(count >= 1 && w_sum.size() == count && w_scale.size() == count && (bias.empty() || bias.size() == count),
+  LOWBIT_CHECK(w_sum.size() == count && w_scale.size() == count && (bias.empty() || bias.size() == count) &&
+                   (smooth.empty() || smooth.size() == count),
                "w8a8_linear_pair/triple need one packed weight, sums and scale per layer (", w_packed.size(), ", ",
-               w_sum.size(), ", ", w_scale.size(), ") and no bias or one per layer (", bias.size(), ")");
+               w_sum.size(), ", ", w_scale.size(), ") and no bias or smooth or one per layer (", bias.size(), ", ",
+               smooth.size(), ")");
   const at::Tensor x2 = as_2d(x);
   const int64_t K = x2.size(1);
+  auto optional = [](at::TensorList list, size_t i) {
+    return list.empty() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(list[i]);
+  };
   std::vector<LayerWeight> weights;
   for (size_t i = 0; i < count; ++i) {
-    weights.push_back(checked_weight(w_packed[i], w_sum[i], w_scale[i],
-                                     bias.empty() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(bias[i]), K));
+    weights.push_back(checked_weight(w_packed[i], w_sum[i], w_scale[i], optional(bias, i), optional(smooth, i), K));
   }
-  return native_layers(x, x2, act_quant(smooth, x_scale, x_zero_point, K), weights, amx_min_rows);
+  return native_layers(x, x2, act_quant(std::nullopt, x_scale, x_zero_point, K), weights, amx_min_rows);
 }
 
 // linear_group for two and three layers: a fixed number of tensor outputs, which torch.compile's
 // C++ wrapper calls through the dispatcher (a Tensor[] result would go through Python).
 std::tuple<at::Tensor, at::Tensor> linear_pair(const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum,
-                                               at::TensorList w_scale, at::TensorList bias,
-                                               const std::optional<at::Tensor>& smooth,
+                                               at::TensorList w_scale, at::TensorList bias, at::TensorList smooth,
                                                const std::optional<at::Tensor>& x_scale,
                                                const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
   LOWBIT_CHECK(w_packed.size() == 2, "w8a8_linear_pair takes two layers, got ", w_packed.size());
@@ -708,8 +740,8 @@ std::tuple<at::Tensor, at::Tensor> linear_pair(const at::Tensor& x, at::TensorLi
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_triple(
     const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum, at::TensorList w_scale, at::TensorList bias,
-    const std::optional<at::Tensor>& smooth, const std::optional<at::Tensor>& x_scale,
-    const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
+    at::TensorList smooth, const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_zero_point,
+    int64_t amx_min_rows) {
   LOWBIT_CHECK(w_packed.size() == 3, "w8a8_linear_triple takes three layers, got ", w_packed.size());
   auto y = linear_group(x, w_packed, w_sum, w_scale, bias, smooth, x_scale, x_zero_point, amx_min_rows);
   return {y[0], y[1], y[2]};
@@ -747,10 +779,10 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       "Tensor? x_scale, Tensor? x_zero_point, Tensor? w_onednn, int onednn_min_rows, int amx_min_rows) -> Tensor");
   m.def(
       "w8a8_linear_pair(Tensor x, Tensor[] w_packed, Tensor[] w_sum, Tensor[] w_scale, Tensor[] bias, "
-      "Tensor? smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor)");
+      "Tensor[] smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor)");
   m.def(
       "w8a8_linear_triple(Tensor x, Tensor[] w_packed, Tensor[] w_sum, Tensor[] w_scale, Tensor[] bias, "
-      "Tensor? smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor, Tensor)");
+      "Tensor[] smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor, Tensor)");
   m.def("amx_available() -> bool", &lowbit::int8::amx_ready);
   m.def(
       "w8a8_conv2d(Tensor x, Tensor? smooth, Tensor x_scale, Tensor? x_zero_point, Tensor w_onednn, Tensor w_scale, "
