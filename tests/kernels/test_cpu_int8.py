@@ -81,7 +81,9 @@ def assert_close_to_reference(layer, x, y, rel):
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("smooth", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 4096), (2, 7), (3, 63), (5, 100), (17, 64), (300, 129), (2, 3, 40)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (1, 4096), (2, 7), (3, 63), (5, 100), (17, 64), (300, 129), (2, 3, 40), (2, 8192), (2, 8209)]
+)
 def test_per_token_codes_equal_primitives(shape, smooth, dtype):
     x = (torch.randn(shape) * torch.logspace(-3, 3, shape[-1])).to(dtype)
     s = torch.rand(shape[-1]) + 0.25 if smooth else None
