@@ -56,7 +56,7 @@ def compile(
     if not hasattr(torch, "compile"):
         raise UnsupportedError("torch.compile is not available in this torch build; run the model eagerly")
     prepare_kernels(model, example)
-    share_equal_inputs_params(model)
+    share_equal_input_params(model)
     model.eval()
     _raise_recompile_limits()
     compile_decoding(model, frozen=frozen)
@@ -67,7 +67,7 @@ def compile(
 _INPUT_PARAMS = ("input_smooth", "input_scale", "input_zero_point")
 
 
-def share_equal_inputs_params(model: nn.Module) -> int:
+def share_equal_input_params(model: nn.Module) -> int:
     """Give quantized layers whose input parameters (SmoothQuant divisor, static scale and zero
     point) are equal one tensor object each, so a compiled graph sees one input and can quantize
     activations that several layers read once (``kernels.shared_input``); checkpoints store a

@@ -245,7 +245,7 @@ def test_group_sizes():
 
 
 def test_equal_input_parameters_become_one_tensor():
-    from lowbit.runtime import share_equal_inputs_params
+    from lowbit.runtime import share_equal_input_params
 
     torch.manual_seed(0)
     model = _Siblings().eval()
@@ -256,7 +256,7 @@ def test_equal_input_parameters_become_one_tensor():
     third.set_input_smooth(torch.arange(2.0, 50.0))
     x = torch.randn(3, 48)
     before = [m(x) for m in (first, second, third)]
-    assert share_equal_inputs_params(model) == 1
+    assert share_equal_input_params(model) == 1
     assert first.input_smooth is second.input_smooth and third.input_smooth is not first.input_smooth
     assert all(torch.equal(m(x), y) for m, y in zip((first, second, third), before))
 
