@@ -72,6 +72,11 @@ def test_compiled_decoding_generates_the_eager_tokens():
         compiled = model.generate(prompt, **gen)
     assert torch.equal(compiled, eager)
     assert hasattr(model, "_compiled_call")  # generate really took the compiled decode step
+    step = model._compiled_call
+    with torch.inference_mode():
+        assert torch.equal(model.generate(prompt, **gen), eager)
+    # generate deep-copies the compile options: an unequal copy would compile the step on every call
+    assert model._compiled_call is step
     speed = decode_speed(model, prompt, 4)
     assert speed["decode_tokens_per_s"] > 0 and speed["new_tokens"] == 4
 
@@ -235,6 +240,19 @@ def test_layers_reading_one_input_run_as_one_grouped_call(monkeypatch):
         want = model(x)
     assert replaced == [5]
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_compile_options_equal_their_deep_copy():
+    """transformers compares a deep copy of the compile options with the last ones on every
+    generate call and compiles again when they differ."""
+    import copy
+
+    from lowbit.runtime import compile_options
+
+    model = _Siblings()
+    options = compile_options(model)
+    assert copy.deepcopy(options) == options
+    assert compile_options() == compile_options()
 
 
 def test_group_sizes():

@@ -22,10 +22,23 @@ _X, _PACKED, _SUMS, _SCALE, _BIAS, _SMOOTH, _X_SCALE, _X_ZERO, _ONEDNN, _ONEDNN_
 
 
 class SharedInputLinears(CustomGraphPass):
-    """Inductor post-grad pass (``post_grad_custom_post_pass``) that applies ``group_shared_inputs``."""
+    """Inductor post-grad pass (``post_grad_custom_post_pass``) that applies ``group_shared_inputs``.
+
+    Stateless, so every instance is equal and a copy is the instance itself: transformers deep-copies
+    the generation config (and the compile options in it) on every ``generate`` call and compiles
+    the decode step again when the copy differs."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         group_shared_inputs(graph)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __deepcopy__(self, memo: dict) -> SharedInputLinears:
+        return self
 
     def uuid(self) -> str:
         return get_hash_for_files((__file__,)).hex()
