@@ -181,12 +181,13 @@ def _tiny_bert():
 
 
 class _ParallelBranches(torch.nn.Module):
-    """A ModuleList that is not a sequence of blocks: every branch reads the same input."""
+    """A ModuleList of containers that is not a sequence of blocks: every branch reads the same
+    input (a list of bare layers is not taken for blocks at all)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.branches = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+        self.branches = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16)) for _ in range(3))
 
     def forward(self, x):
         return sum(branch(x) for branch in self.branches)

@@ -30,13 +30,20 @@ Call = tuple[tuple, dict]
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(qualified name, ModuleList) of the model's repeated blocks, or None."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        repeated = isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(c) for c in module}) == 1
-        if repeated and (best is None or len(module) > len(best[1])):
-            best = (name, module)
-    return best
+    """(qualified name, ModuleList) of the model's repeated blocks, or None: the longest list of
+    two or more containers of one type that no other such list holds. A list of bare layers
+    (parallel heads, branches) is no block list, and lists inside blocks (a mixture of experts'
+    experts, which can outnumber the blocks) are skipped."""
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) >= 2
+        and len({type(c) for c in module}) == 1
+        and all(next(c.children(), None) is not None for c in module)
+    ]
+    outer = [(n, m) for n, m in lists if not any(n.startswith(f"{o}.") for o, _ in lists if o and o != n)]
+    return max(outer, key=lambda item: len(item[1]), default=None)
 
 
 def _detach(value: Any) -> Any:

@@ -58,6 +58,30 @@ def test_blocks_are_found_from_the_module_tree():
     assert find_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
 
 
+def test_find_blocks_skips_layer_lists_and_lists_inside_blocks():
+    """Parallel layers in a ModuleList are no blocks; a mixture of experts' expert list (longer
+    than the block list here) sits inside the blocks, which stay the block list."""
+    from torch import nn
+
+    heads = nn.Module()
+    heads.heads = nn.ModuleList(nn.Linear(4, 4) for _ in range(5))
+    assert find_blocks(heads) is None
+
+    class Expert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    class MoEBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(Expert() for _ in range(6))
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(MoEBlock() for _ in range(2))
+    assert find_blocks(model)[0] == "layers"
+
+
 def test_capture_records_block_zero_inputs_once_per_batch():
     model = tiny_llama()
     calib = batches(128)

@@ -299,28 +299,32 @@ def test_amx_gemm_matches_exact_output_and_threads():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("amx_min_rows", [1, NEVER])
 def test_grouped_layers_equal_separate_calls(rows, dtype, amx_min_rows):
-    """w8a8_linear_pair / _triple (layers reading one input, quantized once per distinct divisor) give
-    each layer's w8a8_linear output bit for bit: dynamic, static and static-uint8 activations, with
-    and without bias, without divisors, with one shared and with one per layer, on the VNNI GEMM
-    and (where the CPU has it) AMX."""
+    """w8a8_linear_pair / _triple (layers reading one input, quantized once per distinct divisor,
+    scale and zero point) give each layer's w8a8_linear output bit for bit: dynamic, static and
+    static-uint8 activations, with and without bias, without divisors, with one shared and with
+    one per layer, static scales shared or per layer, on the VNNI GEMM and (where the CPU has it) AMX."""
     K = 131
     weights = []
     for n in (33, 131, 7):
         packed, sums = torch.ops.lowbit.w8a8_pack(torch.randint(-127, 128, (n, K), dtype=torch.int8))
         weights.append((packed, sums, torch.rand(n) / 50, torch.randn(n)))
     x = (torch.randn(2, rows, K) * 2).to(dtype)
-    for x_scale, zero in [(None, None), (torch.tensor([0.03]), None), (torch.tensor([0.03]), torch.tensor([90]))]:
+    s1, s2 = torch.tensor([0.03]), torch.tensor([0.05])
+    z1, z2 = torch.tensor([90]), torch.tensor([120])
+    statics = [[None] * 3, [s1] * 3, [s1, s2, s1]]
+    for x_scales, x_zeros in [(s, [None] * 3) for s in statics] + [([s1] * 3, [z1] * 3), ([s1, s1, s2], [z1, z2, z1])]:
         shared = torch.rand(K) + 0.5
         for smooths in ([None] * 3, [shared] * 3, [shared, torch.rand(K) + 0.5, shared]):
             for biased in (True, False):
                 for op, count in ((torch.ops.lowbit.w8a8_linear_pair, 2), (torch.ops.lowbit.w8a8_linear_triple, 3)):
                     ws = weights[:count]
-                    bias = [w[3] for w in ws] if biased else []
-                    divisors = [] if smooths[0] is None else smooths[:count]
-                    got = op(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], bias, divisors, x_scale,
-                             zero, amx_min_rows)  # fmt: skip
-                    for y, (packed, sums, scale, b), smooth in zip(got, ws, smooths):
-                        args = (b if biased else None, smooth, x_scale, zero, None, NEVER, amx_min_rows)
+                    lists = [
+                        [] if values[0] is None else values[:count]
+                        for values in ([w[3] for w in ws] if biased else [None], smooths, x_scales, x_zeros)
+                    ]
+                    got = op(x, [w[0] for w in ws], [w[1] for w in ws], [w[2] for w in ws], *lists, amx_min_rows)
+                    for i, (y, (packed, sums, scale, b)) in enumerate(zip(got, ws)):
+                        args = (b if biased else None, smooths[i], x_scales[i], x_zeros[i], None, NEVER, amx_min_rows)
                         want = torch.ops.lowbit.w8a8_linear(x, packed, sums, scale, *args)
                         assert y.dtype == dtype and torch.equal(y, want)
 
@@ -329,15 +333,18 @@ def test_grouped_layers_equal_separate_calls(rows, dtype, amx_min_rows):
 def test_grouped_layers_reject_mismatched_lists():
     packed, sums = torch.ops.lowbit.w8a8_pack(torch.ones(4, 8, dtype=torch.int8))
     x, scale = torch.randn(3, 8), torch.ones(4)
+    three = ([packed] * 3, [sums] * 3, [scale] * 3)
+    two = ([packed] * 2, [sums] * 2, [scale] * 2)
     with pytest.raises(RuntimeError, match="takes two layers"):
-        torch.ops.lowbit.w8a8_linear_pair(x, [packed] * 3, [sums] * 3, [scale] * 3, [], [], None, None, 8)
-    with pytest.raises(RuntimeError, match="no bias or smooth or one per layer"):
-        torch.ops.lowbit.w8a8_linear_pair(x, [packed] * 2, [sums] * 2, [scale] * 2, [scale], [], None, None, 8)
+        torch.ops.lowbit.w8a8_linear_pair(x, *three, [], [], [], [], 8)
+    with pytest.raises(RuntimeError, match="or one per layer"):
+        torch.ops.lowbit.w8a8_linear_pair(x, *two, [scale], [], [], [], 8)
+    with pytest.raises(RuntimeError, match="zero points need scales"):
+        torch.ops.lowbit.w8a8_linear_pair(x, *two, [], [], [], [torch.tensor([3])] * 2, 8)
     with pytest.raises(RuntimeError, match="smooth must be a contiguous float32"):
-        torch.ops.lowbit.w8a8_linear_pair(x, [packed] * 2, [sums] * 2, [scale] * 2, [], [scale] * 2, None, None, 8)
+        torch.ops.lowbit.w8a8_linear_pair(x, *two, [], [scale] * 2, [], [], 8)
     with pytest.raises(RuntimeError, match="repack the weight"):
-        torch.ops.lowbit.w8a8_linear_pair(torch.randn(3, 9), [packed] * 2, [sums] * 2, [scale] * 2, [], [], None,
-                                          None, 8)  # fmt: skip
+        torch.ops.lowbit.w8a8_linear_pair(torch.randn(3, 9), *two, [], [], [], [], 8)
 
 
 @native

@@ -242,6 +242,32 @@ def test_layers_reading_one_input_run_as_one_grouped_call(monkeypatch):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+def test_static_layers_reading_one_input_run_as_grouped_calls(monkeypatch):
+    """w8a8-static (calibrated scales and SmoothQuant divisors, one per layer): the five siblings
+    still group, each quantizing x with its own parameters inside the grouped call."""
+    from lowbit import kernels
+    from lowbit.kernels import shared_input
+
+    if not kernels.native_available():
+        pytest.skip("needs the AVX-512 VNNI native kernels")
+    torch.manual_seed(0)
+    model = _Siblings().eval()
+    lowbit.quantize(model, "w8a8-static", calib=[torch.randn(4, 9, 48) for _ in range(2)])
+    branches = model.branches
+    assert branches[0].input_scale is not None and not torch.equal(branches[0].input_scale, branches[1].input_scale)
+    replaced = []
+    real = shared_input.group_shared_inputs
+    monkeypatch.setattr(shared_input, "group_shared_inputs", lambda graph: replaced.append(real(graph)))
+    x = torch.randn(2, 9, 48)
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            torch._dynamo.reset()
+            got = lowbit_compile(model, x)(x)
+        want = model(x)
+    assert replaced == [5]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def test_compile_options_equal_their_deep_copy():
     """transformers compares a deep copy of the compile options with the last ones on every
     generate call and compiles again when they differ."""

@@ -218,7 +218,7 @@ def _register_fakes() -> None:
     ):
         return x.new_empty((*x.shape[:-1], w_scale.shape[0]))
 
-    def _linear_group_fake(x, w_packed, w_sum, w_scale, bias, smooths, x_scale, x_zero_point, amx_min_rows):
+    def _linear_group_fake(x, w_packed, w_sum, w_scale, bias, smooths, x_scales, x_zero_points, amx_min_rows):
         return tuple(x.new_empty((*x.shape[:-1], scale.shape[0])) for scale in w_scale)
 
     torch.library.register_fake("lowbit::w8a8_linear_pair", _linear_group_fake)

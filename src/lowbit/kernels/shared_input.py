@@ -1,10 +1,11 @@
 """A torch.compile graph pass: W8A8 layers that read the same activations (attention's q, k and v;
 an MLP's gate and up projections) become one ``lowbit.w8a8_linear_triple`` or ``_pair`` call, which
-quantizes those activations once per distinct SmoothQuant divisor and runs all the weights in one
-thread team: one call, one fork and join instead of several (outputs bit-equal to the separate
-calls). Found from the graph, so no model needs driver code. Groups have a fixed size because
-torch.compile's C++ wrapper calls ops with a fixed number of outputs through the dispatcher, but
-an op returning a list through Python, which costs more than the grouping saves.
+quantizes those activations once per distinct quantization (SmoothQuant divisor, static scale and
+zero point) and runs all the weights in one thread team: one call, one fork and join instead of
+several (outputs bit-equal to the separate calls). Found from the graph, so no model needs driver
+code. Groups have a fixed size because torch.compile's C++ wrapper calls ops with a fixed number of
+outputs through the dispatcher, but an op returning a list through Python, which costs more than
+the grouping saves.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ class SharedInputLinears(CustomGraphPass):
 
 
 def group_shared_inputs(graph: torch.fx.Graph) -> int:
-    """Replace each set of >= 2 native W8A8 calls with the same input and static activation
-    parameters (all with or all without bias, and SmoothQuant divisor) by grouped calls; returns
-    the number of calls replaced. Calls that use oneDNN's weight (many rows without AMX) stay."""
+    """Replace each set of >= 2 native W8A8 calls with the same input (all with or all without
+    bias, SmoothQuant divisor, static scale and zero point) by grouped calls; returns the number of
+    calls replaced. Calls that use oneDNN's weight (many rows without AMX) stay."""
     if not _load_native():
         return 0
     linear = torch.ops.lowbit.w8a8_linear.default
@@ -57,8 +58,8 @@ def group_shared_inputs(graph: torch.fx.Graph) -> int:
         if node.op == "call_function" and node.target is linear and len(node.args) == 11 and not node.kwargs:
             args = node.args
             if args[_ONEDNN] is None:
-                none = (args[_BIAS] is None, args[_SMOOTH] is None)
-                key = (args[_X], args[_X_SCALE], args[_X_ZERO], args[_AMX_MIN], none)
+                absent = tuple(args[i] is None for i in (_BIAS, _SMOOTH, _X_SCALE, _X_ZERO))
+                key = (args[_X], args[_AMX_MIN], absent)
                 sets[key].append(node)
     replaced = 0
     for nodes in sets.values():
@@ -83,7 +84,7 @@ def _chunks(members: list[torch.fx.Node]) -> list[list[torch.fx.Node]]:
 
 
 def _weight_args(node: torch.fx.Node) -> list:
-    return [node.args[i] for i in (_PACKED, _SUMS, _SCALE, _BIAS, _SMOOTH)]
+    return [node.args[i] for i in (_PACKED, _SUMS, _SCALE, _BIAS, _SMOOTH, _X_SCALE, _X_ZERO)]
 
 
 def _defined_before(arg, first: torch.fx.Node, order: dict) -> bool:
@@ -94,8 +95,9 @@ def _defined_before(arg, first: torch.fx.Node, order: dict) -> bool:
 def _replace(graph: torch.fx.Graph, members: list[torch.fx.Node]) -> None:
     first = members[0]
     args = first.args
-    biases = [] if args[_BIAS] is None else [n.args[_BIAS] for n in members]
-    smooths = [] if args[_SMOOTH] is None else [n.args[_SMOOTH] for n in members]
+    biases, smooths, x_scales, x_zeros = (
+        [] if args[i] is None else [n.args[i] for n in members] for i in (_BIAS, _SMOOTH, _X_SCALE, _X_ZERO)
+    )
     with graph.inserting_before(first):
         group = graph.call_function(
             (torch.ops.lowbit.w8a8_linear_pair if len(members) == 2 else torch.ops.lowbit.w8a8_linear_triple).default,
@@ -106,8 +108,8 @@ def _replace(graph: torch.fx.Graph, members: list[torch.fx.Node]) -> None:
                 [n.args[_SCALE] for n in members],
                 biases,
                 smooths,
-                args[_X_SCALE],
-                args[_X_ZERO],
+                x_scales,
+                x_zeros,
                 args[_AMX_MIN],
             ),
         )

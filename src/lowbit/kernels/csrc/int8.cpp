@@ -617,16 +617,16 @@ std::tuple<at::Tensor, at::Tensor> quantize(const at::Tensor& x, const std::opti
 }
 
 // A layer's packed weight as the native GEMMs read it, checked against the activations' K, and
-// its SmoothQuant divisor (null: none).
+// how it quantizes its input (its SmoothQuant divisor, static scale and zero point).
 struct LayerWeight {
   at::Tensor packed, sum, scale;
   std::optional<at::Tensor> bias;
-  const float* smooth;
+  ActQuant aq;
   int64_t N, Np;
 };
 
 LayerWeight checked_weight(const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
-                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth, int64_t K) {
+                           const std::optional<at::Tensor>& bias, const ActQuant& aq, int64_t K) {
   const int64_t N = w_scale.size(0), Np = w_sum.size(0), Kp = round_up(K, 4);
   LOWBIT_CHECK(w_packed.numel() == Np * Kp && Np == round_up(N, kPanel) && w_sum.scalar_type() == at::kInt &&
                    w_packed.scalar_type() == at::kChar && w_packed.is_contiguous() && w_sum.is_contiguous(),
@@ -635,35 +635,39 @@ LayerWeight checked_weight(const at::Tensor& w_packed, const at::Tensor& w_sum, 
   LOWBIT_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous(), "w_scale must be contiguous float32");
   LOWBIT_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
                "bias must be a contiguous float32 [", N, "] tensor");
-  return {w_packed, w_sum, w_scale, bias, checked_smooth(smooth, K), N, Np};
+  return {w_packed, w_sum, w_scale, bias, aq, N, Np};
+}
+
+// Whether two layers quantize their input to the same codes.
+bool same_codes(const ActQuant& a, const ActQuant& b) {
+  return a.smooth == b.smooth && a.dynamic == b.dynamic && a.scale == b.scale && a.zero == b.zero &&
+         a.qmin == b.qmin && a.qmax == b.qmax && a.shift == b.shift;
 }
 
 // Outputs of the weights' layers for x [M, K], shaped like `x` with its last dimension N: AMX
 // tiles from `amx_min_rows` rows where available, else the VNNI GEMM. x is quantized once per
-// distinct divisor (`base` with each layer's smooth), not once per layer.
+// distinct quantization (divisor, static scale and zero point), not once per layer.
 template <typename TO>
-std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const ActQuant& base,
-                                      const std::vector<LayerWeight>& weights, int64_t amx_min_rows) {
+std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const std::vector<LayerWeight>& weights,
+                                      int64_t amx_min_rows) {
   const int64_t M = x2.size(0), K = x2.size(1), Kp = round_up(K, 4);
   bool amx = M >= amx_min_rows && amx_ready();
   for (const auto& w : weights) amx = amx && amx_tail_readable(w.packed, K);
   const int64_t ldc = amx ? round_up(K, kAmxK) : Kp, rows = amx ? round_up(M, 32) : M;
-  std::vector<const float*> divisors;
+  std::vector<ActQuant> distinct;
   std::vector<size_t> which;  // each layer's quantization
   for (const auto& w : weights) {
-    const auto at = std::find(divisors.begin(), divisors.end(), w.smooth);
-    which.push_back(at - divisors.begin());
-    if (at == divisors.end()) divisors.push_back(w.smooth);
+    const auto at = std::find_if(distinct.begin(), distinct.end(), [&](const ActQuant& a) { return same_codes(a, w.aq); });
+    which.push_back(at - distinct.begin());
+    if (at == distinct.end()) distinct.push_back(w.aq);
   }
-  const int64_t count = int64_t(divisors.size());
+  const int64_t count = int64_t(distinct.size());
   at::Tensor codes = at::empty({count, rows, ldc}, at::kByte), scales = at::empty({count, M}, at::kFloat);
   std::vector<Quantization> quants;
   for (int64_t i = 0; i < count; ++i) {
-    ActQuant aq = base;
-    aq.smooth = divisors[i];
     uint8_t* c = codes.data_ptr<uint8_t>() + i * rows * ldc;
     if (rows > M) std::memset(c + M * ldc, 0, (rows - M) * ldc);
-    quants.push_back({aq, divisor_for_rows(x2, aq), c, scales.data_ptr<float>() + i * M});
+    quants.push_back({distinct[i], divisor_for_rows(x2, distinct[i]), c, scales.data_ptr<float>() + i * M});
   }
   std::vector<at::Tensor> outs;
   std::vector<Target<TO>> targets;
@@ -672,8 +676,8 @@ std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2,
     const Quantization& q = quants[which[i]];
     outs.push_back(at::empty({M, w.N}, x.scalar_type()));
     const Epilogue e{w.sum.const_data_ptr<int32_t>(), w.scale.const_data_ptr<float>(),
-                     w.bias ? w.bias->const_data_ptr<float>() : nullptr, base.dynamic ? q.scales : nullptr,
-                     base.scale, base.code_zero(), w.N};
+                     w.bias ? w.bias->const_data_ptr<float>() : nullptr, q.aq.dynamic ? q.scales : nullptr,
+                     q.aq.scale, q.aq.code_zero(), w.N};
     targets.push_back({w.packed.const_data_ptr<int8_t>(), w.Np, e, q.codes, outs.back().data_ptr<TO>()});
   }
   if (amx) {
@@ -690,10 +694,10 @@ std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2,
   return outs;
 }
 
-std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const ActQuant& aq,
-                                      const std::vector<LayerWeight>& weights, int64_t amx_min_rows) {
-  return x.scalar_type() == at::kFloat ? native_layers<float>(x, x2, aq, weights, amx_min_rows)
-                                       : native_layers<at::BFloat16>(x, x2, aq, weights, amx_min_rows);
+std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2, const std::vector<LayerWeight>& weights,
+                                      int64_t amx_min_rows) {
+  return x.scalar_type() == at::kFloat ? native_layers<float>(x, x2, weights, amx_min_rows)
+                                       : native_layers<at::BFloat16>(x, x2, weights, amx_min_rows);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_sum, const at::Tensor& w_scale,
@@ -702,9 +706,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Ten
                   const std::optional<at::Tensor>& w_onednn, int64_t onednn_min_rows, int64_t amx_min_rows) {
   const at::Tensor x2 = as_2d(x);
   const int64_t M = x2.size(0), K = x2.size(1);
-  const LayerWeight w = checked_weight(w_packed, w_sum, w_scale, bias, smooth, K);
   const ActQuant aq = act_quant(smooth, x_scale, x_zero_point, K);
-  if (!(w_onednn && M >= onednn_min_rows)) return native_layers(x, x2, aq, {w}, amx_min_rows)[0];
+  const LayerWeight w = checked_weight(w_packed, w_sum, w_scale, bias, aq, K);
+  if (!(w_onednn && M >= onednn_min_rows)) return native_layers(x, x2, {w}, amx_min_rows)[0];
   auto out_shape = x.sizes().vec();
   out_shape.back() = w.N;
   at::Tensor scales = at::empty({M}, at::kFloat);
@@ -722,18 +726,20 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w_packed, const at::Ten
 }
 
 // Several layers reading the same x (attention's q, k, v; an MLP's gate and up) in one call and
-// one OpenMP team, x quantized once per distinct divisor; each output equals w8a8_linear's bit for
-// bit. `bias` and `smooth` are empty (no layer has one) or one per layer.
+// one OpenMP team, x quantized once per distinct quantization; each output equals w8a8_linear's
+// bit for bit. `bias`, `smooth`, `x_scale` and `x_zero_point` are each empty (no layer has one:
+// x_scale empty means dynamic activations) or one per layer.
 std::vector<at::Tensor> linear_group(const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum,
                                      at::TensorList w_scale, at::TensorList bias, at::TensorList smooth,
-                                     const std::optional<at::Tensor>& x_scale,
-                                     const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
+                                     at::TensorList x_scale, at::TensorList x_zero_point, int64_t amx_min_rows) {
   const size_t count = w_packed.size();
-  LOWBIT_CHECK(w_sum.size() == count && w_scale.size() == count && (bias.empty() || bias.size() == count) &&
-                   (smooth.empty() || smooth.size() == count),
+  auto fits = [&](at::TensorList list) { return list.empty() || list.size() == count; };
+  LOWBIT_CHECK(w_sum.size() == count && w_scale.size() == count && fits(bias) && fits(smooth) && fits(x_scale) &&
+                   fits(x_zero_point) && (x_zero_point.empty() || !x_scale.empty()),
                "w8a8_linear_pair/triple need one packed weight, sums and scale per layer (", w_packed.size(), ", ",
-               w_sum.size(), ", ", w_scale.size(), ") and no bias or smooth or one per layer (", bias.size(), ", ",
-               smooth.size(), ")");
+               w_sum.size(), ", ", w_scale.size(), ") and no bias, smooth, x_scale, x_zero_point or one per layer (",
+               bias.size(), ", ", smooth.size(), ", ", x_scale.size(), ", ", x_zero_point.size(),
+               "; zero points need scales)");
   const at::Tensor x2 = as_2d(x);
   const int64_t K = x2.size(1);
   auto optional = [](at::TensorList list, size_t i) {
@@ -741,26 +747,28 @@ std::vector<at::Tensor> linear_group(const at::Tensor& x, at::TensorList w_packe
   };
   std::vector<LayerWeight> weights;
   for (size_t i = 0; i < count; ++i) {
-    weights.push_back(checked_weight(w_packed[i], w_sum[i], w_scale[i], optional(bias, i), optional(smooth, i), K));
+    const ActQuant aq = act_quant(optional(smooth, i), optional(x_scale, i), optional(x_zero_point, i), K);
+    weights.push_back(checked_weight(w_packed[i], w_sum[i], w_scale[i], optional(bias, i), aq, K));
   }
-  return native_layers(x, x2, act_quant(std::nullopt, x_scale, x_zero_point, K), weights, amx_min_rows);
+  return native_layers(x, x2, weights, amx_min_rows);
 }
 
 // linear_group for two and three layers: a fixed number of tensor outputs, which torch.compile's
 // C++ wrapper calls through the dispatcher (a Tensor[] result would go through Python).
 std::tuple<at::Tensor, at::Tensor> linear_pair(const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum,
                                                at::TensorList w_scale, at::TensorList bias, at::TensorList smooth,
-                                               const std::optional<at::Tensor>& x_scale,
-                                               const std::optional<at::Tensor>& x_zero_point, int64_t amx_min_rows) {
+                                               at::TensorList x_scale, at::TensorList x_zero_point,
+                                               int64_t amx_min_rows) {
   LOWBIT_CHECK(w_packed.size() == 2, "w8a8_linear_pair takes two layers, got ", w_packed.size());
   auto y = linear_group(x, w_packed, w_sum, w_scale, bias, smooth, x_scale, x_zero_point, amx_min_rows);
   return {y[0], y[1]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_triple(
-    const at::Tensor& x, at::TensorList w_packed, at::TensorList w_sum, at::TensorList w_scale, at::TensorList bias,
-    at::TensorList smooth, const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_zero_point,
-    int64_t amx_min_rows) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_triple(const at::Tensor& x, at::TensorList w_packed,
+                                                             at::TensorList w_sum, at::TensorList w_scale,
+                                                             at::TensorList bias, at::TensorList smooth,
+                                                             at::TensorList x_scale, at::TensorList x_zero_point,
+                                                             int64_t amx_min_rows) {
   LOWBIT_CHECK(w_packed.size() == 3, "w8a8_linear_triple takes three layers, got ", w_packed.size());
   auto y = linear_group(x, w_packed, w_sum, w_scale, bias, smooth, x_scale, x_zero_point, amx_min_rows);
   return {y[0], y[1], y[2]};
@@ -798,10 +806,10 @@ TORCH_LIBRARY_FRAGMENT(lowbit, m) {
       "Tensor? x_scale, Tensor? x_zero_point, Tensor? w_onednn, int onednn_min_rows, int amx_min_rows) -> Tensor");
   m.def(
       "w8a8_linear_pair(Tensor x, Tensor[] w_packed, Tensor[] w_sum, Tensor[] w_scale, Tensor[] bias, "
-      "Tensor[] smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor)");
+      "Tensor[] smooth, Tensor[] x_scale, Tensor[] x_zero_point, int amx_min_rows) -> (Tensor, Tensor)");
   m.def(
       "w8a8_linear_triple(Tensor x, Tensor[] w_packed, Tensor[] w_sum, Tensor[] w_scale, Tensor[] bias, "
-      "Tensor[] smooth, Tensor? x_scale, Tensor? x_zero_point, int amx_min_rows) -> (Tensor, Tensor, Tensor)");
+      "Tensor[] smooth, Tensor[] x_scale, Tensor[] x_zero_point, int amx_min_rows) -> (Tensor, Tensor, Tensor)");
   m.def("amx_available() -> bool", &lowbit::int8::amx_ready);
   m.def(
       "w8a8_conv2d(Tensor x, Tensor? smooth, Tensor x_scale, Tensor? x_zero_point, Tensor w_onednn, Tensor w_scale, "
