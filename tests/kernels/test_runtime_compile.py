@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lowbit
+from lowbit import kernels
 from lowbit.runtime import compile as lowbit_compile
 from lowbit.runtime import quantized_layers
 
@@ -176,8 +177,6 @@ def test_compiled_kernel_choice_is_a_constant_and_empty_inputs_still_run():
     the registry); inputs of 0, 1 and many rows, and dynamic row counts, give the eager outputs."""
     from torch import nn
 
-    from lowbit import kernels
-
     torch.manual_seed(0)
     for recipe in ("int8-dynamic-rtn", "w4-g128"):
         torch._dynamo.reset()
@@ -199,6 +198,9 @@ def test_compiled_kernel_choice_is_a_constant_and_empty_inputs_still_run():
         )
 
 
+native = pytest.mark.skipif(not kernels.native_available(), reason="needs the AVX-512 VNNI native kernels")
+
+
 class _Siblings(torch.nn.Module):
     """Five layers reading one input (like q, k, v and gate, up), one reading another, a float head."""
 
@@ -214,56 +216,53 @@ class _Siblings(torch.nn.Module):
         return self.head(self.mix(y))
 
 
+@native
+def _compiled_and_eager(monkeypatch, model, inputs):
+    """(compiled output, eager output, calls grouped per compiled graph) for ``inputs`` (a tensor
+    or keyword inputs), compiled afresh: with torch's graph caches off, so the pass really runs."""
+    from lowbit.kernels import shared_input
+
+    replaced = []
+    real = shared_input.group_shared_inputs
+    monkeypatch.setattr(shared_input, "group_shared_inputs", lambda graph: replaced.append(real(graph)))
+
+    def run(module):
+        return module(**inputs) if isinstance(inputs, dict) else module(inputs)
+
+    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            torch._dynamo.reset()
+            compiled = run(lowbit_compile(model, inputs))
+        return compiled, run(model), replaced
+
+
 def test_layers_reading_one_input_run_as_one_grouped_call(monkeypatch):
     """kernels.shared_input groups the five sibling layers (a triple and a pair, one call each);
     two of them have SmoothQuant divisors of their own (quantized once per divisor), which puts
     them in the pair. Outputs equal the eager model's."""
-    from lowbit import kernels
-    from lowbit.kernels import shared_input
-
-    if not kernels.native_available():
-        pytest.skip("needs the AVX-512 VNNI native kernels")
     torch.manual_seed(0)
     model = _Siblings().eval()
     lowbit.quantize(model, "int8-dynamic-rtn")
     assert quantized_layers(model) == 6
     model.branches[0].set_input_smooth(torch.rand(48) + 0.5)
     model.branches[3].set_input_smooth(torch.rand(48) + 0.5)
-    replaced = []
-    real = shared_input.group_shared_inputs
-    monkeypatch.setattr(shared_input, "group_shared_inputs", lambda graph: replaced.append(real(graph)))
     x = torch.randn(2, 9, 48)
-    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            torch._dynamo.reset()
-            got = lowbit_compile(model, x)(x)
-        want = model(x)
+    got, want, replaced = _compiled_and_eager(monkeypatch, model, x)
     assert replaced == [5]
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@native
 def test_static_layers_reading_one_input_run_as_grouped_calls(monkeypatch):
     """w8a8-static (calibrated scales and SmoothQuant divisors, one per layer): the five siblings
     still group, each quantizing x with its own parameters inside the grouped call."""
-    from lowbit import kernels
-    from lowbit.kernels import shared_input
-
-    if not kernels.native_available():
-        pytest.skip("needs the AVX-512 VNNI native kernels")
     torch.manual_seed(0)
     model = _Siblings().eval()
     lowbit.quantize(model, "w8a8-static", calib=[torch.randn(4, 9, 48) for _ in range(2)])
     branches = model.branches
     assert branches[0].input_scale is not None and not torch.equal(branches[0].input_scale, branches[1].input_scale)
-    replaced = []
-    real = shared_input.group_shared_inputs
-    monkeypatch.setattr(shared_input, "group_shared_inputs", lambda graph: replaced.append(real(graph)))
     x = torch.randn(2, 9, 48)
-    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            torch._dynamo.reset()
-            got = lowbit_compile(model, x)(x)
-        want = model(x)
+    got, want, replaced = _compiled_and_eager(monkeypatch, model, x)
     assert replaced == [5]
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
@@ -305,29 +304,19 @@ def test_equal_input_parameters_become_one_tensor():
     assert all(torch.equal(m(x), y) for m, y in zip((first, second, third), before))
 
 
+@native
 def test_minilm_compiled_runs_qkv_as_one_call_and_matches_eager(monkeypatch):
     """Real MiniLM under int8-dynamic (per-layer SmoothQuant divisors), compiled: each block's
     q, k and v become one grouped native call (6 x 3 calls replaced), and sentence embeddings
     stay within cosine 0.999 of the eager model's: the grouped calls are bit-equal to separate
     ones, but Inductor's float ops around them round differently, which can flip an activation
     code, and flips compound over six layers (as in test_minilm_native_matches_reference)."""
-    from lowbit import kernels
-    from lowbit.kernels import shared_input
-
-    if not kernels.native_available():
-        pytest.skip("needs the AVX-512 VNNI native kernels")
     loaded = lowbit.load_model("builtin:minilm")
     lowbit.quantize(loaded, "int8-dynamic")
     texts = ["grouped kernels must agree with the eager model", "a second sentence, longer, with more words in it"]
     batch = dict(loaded.tokenizer(texts, padding=True, return_tensors="pt"))
-    replaced = []
-    real = shared_input.group_shared_inputs
-    monkeypatch.setattr(shared_input, "group_shared_inputs", lambda graph: replaced.append(real(graph)))
-    with torch.inference_mode(), torch._inductor.config.patch(fx_graph_cache=False):
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            torch._dynamo.reset()
-            compiled = lowbit_compile(loaded.model, batch)(**batch).last_hidden_state
-        eager = loaded.model(**batch).last_hidden_state
+    compiled, eager, replaced = _compiled_and_eager(monkeypatch, loaded.model, batch)
+    compiled, eager = compiled.last_hidden_state, eager.last_hidden_state
     assert replaced == [18]
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = [torch.nn.functional.normalize((h * mask).sum(1), dim=-1) for h in (compiled, eager)]
