@@ -222,16 +222,21 @@ void quantize_row_range(const at::Tensor& x, const ActQuant& aq, const Divisor& 
   }
 }
 
-// Quantize rows [M, K] of x into codes [M, ldc] and per-row scales; parallel over rows when large.
-void quantize_rows(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t ldc, float* scales) {
+// Quantize rows [M, K] of x into codes [M, ldc] and per-row scales (d: x's divisor, from divisor_for_rows);
+// parallel over rows when large.
+void quantize_rows(const at::Tensor& x, const ActQuant& aq, const Divisor& d, uint8_t* codes, int64_t ldc,
+                   float* scales) {
   const int64_t M = x.size(0), K = x.size(1);
-  const Divisor d = divisor_for_rows(x, aq);
   auto body = [&](int64_t begin, int64_t end) { quantize_row_range(x, aq, d, begin, end, codes, ldc, scales); };
   if (M * K < (int64_t(1) << 16)) {
     body(0, M);
   } else {
     at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 15) / K), body);
   }
+}
+
+void quantize_rows(const at::Tensor& x, const ActQuant& aq, uint8_t* codes, int64_t ldc, float* scales) {
+  quantize_rows(x, aq, divisor_for_rows(x, aq), codes, ldc, scales);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -683,7 +688,7 @@ std::vector<at::Tensor> native_layers(const at::Tensor& x, const at::Tensor& x2,
   if (amx) {
     amx_linear(x2, quants, ldc, Kp, targets);
   } else {
-    for (const auto& q : quants) quantize_rows(x2, q.aq, q.codes, ldc, q.scales);
+    for (const auto& q : quants) quantize_rows(x2, q.aq, q.d, q.codes, ldc, q.scales);
     for (const auto& t : targets) small_gemm(t.codes, M, Kp, t.packed, t.Np, t.e, t.y);
   }
   for (size_t i = 0; i < outs.size(); ++i) {
