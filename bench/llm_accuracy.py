@@ -1,5 +1,5 @@
 """SmolLM2-135M WikiText-2 test perplexity: float vs RTN / GPTQ / AWQ / HQQ at w4-g128, w3-g128,
-w2-g64 (and the variants gptq-asym, awq+gptq with --methods), and W8A8 static/dynamic with and
+w2-g64 (and the variants gptq-asym, awq-asym, awq+gptq with --methods), and W8A8 static/dynamic with and
 without SmoothQuant. Prints one JSON object.
 
 Calibration: 128 x 512 tokens of WikiText-2 valid (random windows, seed 0). Perplexity:
@@ -30,9 +30,13 @@ WEIGHT_FORMATS = {
     "w2-g64": {"format": "int2-asym", "granularity": "group:64"},
 }
 METHODS = ("rtn", "gptq", "awq", "hqq")
-# Variants: (algorithm, options). gptq-asym rounds the float-output target (GPTQ asymmetric);
-# awq+gptq rounds AWQ's scaled weight with GPTQ.
-VARIANTS = {"gptq-asym": ("gptq", {"asymmetric": True}), "awq+gptq": ("awq", {"gptq": True})}
+# Variants: (algorithm, options). gptq-asym and awq-asym round the float-output target (option
+# asymmetric); awq+gptq rounds AWQ's scaled weight with GPTQ.
+VARIANTS = {
+    "gptq-asym": ("gptq", {"asymmetric": True}),
+    "awq-asym": ("awq", {"asymmetric": True}),
+    "awq+gptq": ("awq", {"gptq": True}),
+}
 W8A8 = {
     "w8a8-dynamic": ("rtn", {"mode": "dynamic", "format": "int8"}),
     "w8a8-dynamic+smoothquant": ("smoothquant", {"mode": "dynamic", "format": "int8"}),

@@ -239,6 +239,30 @@ MODEL_CASES = {
         "unknown export format",
     ),
     "export-not-a-checkpoint": ("model", None, ["export", "{input}", "--format", "gguf", "--out", "{tmp}/x.gguf"], ""),
+    "export-hf-over-a-foreign-directory": (
+        "ckpt",
+        None,
+        ["export", "{input}", "--format", "hf", "--out", "{tmp}/photos"],
+        "not a Hugging Face export",
+    ),
+    "export-hf-over-its-source": (
+        "ckpt",
+        None,
+        ["export", "{input}", "--format", "hf", "--out", "{input}"],
+        "lies inside the checkpoint",
+    ),
+    "export-onnx-to-a-directory": (
+        "ckpt",
+        None,
+        ["export", "{input}", "--format", "onnx", "--out", "{tmp}/photos"],
+        "is a directory",
+    ),
+    "output-under-a-file": (
+        "model",
+        None,
+        ["quantize", "{input}", "--recipe", "w8-weight", "--out", "{tmp}/x.gguf/q"],
+        "is a file, not a directory",
+    ),
     "stream-with-resume": (
         "model",
         None,

@@ -196,3 +196,23 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_saving_an_unquantized_model_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match="not quantized"):
         lowbit.save(nn.Linear(2, 2), tmp_path / "x")
+
+
+def test_scales_that_left_fp16_range_round_trip_as_fp32(tmp_path):
+    """Weights so small that their fp16 scales would underflow keep fp32 scales (exact codes);
+    the checkpoint loads again and gives the same outputs."""
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+        with torch.no_grad():
+            m[0].weight.mul_(1e-7)
+        return m.eval()
+
+    quantized = lowbit.quantize(model(), "w4-g128")
+    assert quantized[0].qweight.scale.dtype == torch.float32  # the recipe asks for fp16
+    lowbit.save(quantized, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q", module=model()).model
+    assert loaded[0].qweight.scale.dtype == torch.float32
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(loaded(x), quantized(x), rtol=0, atol=0)

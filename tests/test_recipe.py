@@ -161,3 +161,24 @@ def test_output_head_of_hf_model_is_protected():
     assert "lm_head" not in plan and len(plan) == 7
     plan = get_preset("w8-weight").resolve(LlamaForCausalLM(cfg))
     assert plan["lm_head"] is plan["model.embed_tokens"] and len(plan) == 9
+
+
+class _OffsetPositions(nn.Embedding):
+    """Like OPT's learned positions: an Embedding with a forward of its own."""
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return super().forward(positions + 2)
+
+
+def test_embeddings_with_their_own_forward_are_left_float_unless_named():
+    import lowbit
+
+    model = nn.ModuleDict(
+        {"tokens": nn.Embedding(16, 8), "positions": _OffsetPositions(18, 8), "proj": nn.Linear(8, 8)}
+    )
+    plan = get_preset("w4-g128").resolve(model)  # its head scheme covers embeddings
+    assert "tokens" in plan and "positions" not in plan and "proj" in plan
+    recipe = Recipe.from_dict({"rules": [{"match": "positions", "weight": {"format": "int8"}}]})
+    assert "positions" in recipe.resolve(model)
+    with pytest.raises(UnsupportedError, match="overrides Embedding.forward"):
+        lowbit.quantize(model, recipe)

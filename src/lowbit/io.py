@@ -93,10 +93,26 @@ def _umask() -> int:
     return mask
 
 
+def make_parent(target: Path) -> None:
+    """Create ``target``'s parent directories, or say which part of the path is in the way."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [target.parent, *target.parent.parents] if p.exists() and not p.is_dir()), None)
+        raise CheckpointError(
+            f"cannot write {target}: {blocker or target.parent} is a file, not a directory; choose another output path"
+        ) from None
+    except PermissionError as err:
+        raise CheckpointError(f"cannot create {target.parent}: {err.strerror}; choose a writable output path") from None
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it into place only on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = Path(target)
+    if target.is_dir():
+        raise CheckpointError(f"{target} is a directory; give a file path for this output")
+    make_parent(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
@@ -128,7 +144,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     failure it is deleted. An existing ``target`` is swapped out in one atomic step where the
     OS allows it, so a crash at any moment leaves the old or the new directory in place."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import distributed, sparse
 from .algorithms import Algorithm, as_result, get_algorithm
-from .algorithms.awq import search_scales
+from .algorithms.awq import awq_target, search_scales
 from .calibration import collect_statistics
 from .errors import DataError, SpecError
 from .models import Loaded
@@ -163,8 +163,12 @@ class _Quantizer:
         for members in groups.values():
             specs = {self.plan[m].weight for m in members}
             if len(members) > 1 and len(specs) == 1:
-                weights = [block.get_submodule(m[len(prefix) :]).weight.detach().float() for m in members]
                 options = self.plan[members[0]].options
+                asymmetric = options.get("asymmetric") is True
+                weights = [
+                    awq_target(block.get_submodule(m[len(prefix) :]).weight.detach().float(), stats[m], asymmetric)
+                    for m in members
+                ]
                 duo = bool(options.get("duo", False))
                 scale = search_scales(weights, stats[members[0]].samples, specs.pop(), options.get("grid", 20), duo)
                 shared.update({m: scale for m in members})

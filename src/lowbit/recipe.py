@@ -305,6 +305,8 @@ class Recipe:
                 isinstance(module, nn.Embedding) and not self.include_embeddings
             )
             exact = next((r for r in self.rules if r.names_exactly(name) and r.matches(name, module)), None)
+            if exact is None and _custom_embedding(module):
+                continue  # e.g. OPT's learned positions: its own forward (offsets, position ids) would be lost
             if exact is None and vocabulary and self.head is not None:
                 if not self.head.skip:
                     plan[name] = self.head
@@ -397,6 +399,11 @@ def read_recipe_file(path: str | Path) -> Recipe:
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: both mean a malformed file
         raise SpecError(f"{path}: cannot parse the recipe ({exc})") from exc
     return Recipe.from_dict(data, where=str(path))
+
+
+def _custom_embedding(module: nn.Module) -> bool:
+    """An Embedding subclass with a forward of its own, which a QEmbedding cannot stand in for."""
+    return isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
 
 
 def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:

@@ -342,7 +342,7 @@ def run_sequential(
         if crossing:
             raise CheckpointError(
                 f"{journal.directory}: a run whose layers compare against the float model's inputs "
-                "(gptq asymmetric) cannot resume; run without --resume to start over"
+                "(gptq or awq with asymmetric: true) cannot resume; run without --resume to start over"
             )
         start = journal.done
         calls = {i: _with_hidden(call, h) for (i, call), h in zip(calls.items(), saved, strict=True)}

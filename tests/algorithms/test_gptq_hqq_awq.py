@@ -221,3 +221,40 @@ def test_asymmetric_gptq_lowers_the_error_against_float_outputs():
     assert err(asymmetric) < 0.5 * err(plain)
     with pytest.raises(SpecError, match="asymmetric"):
         gptq(w, spec, stats, asymmetric="yes")
+
+
+def test_asymmetric_awq_scales_and_rounds_the_float_output_target():
+    """AWQ with ``asymmetric``: drifted inputs (as after quantized blocks) with the float model's
+    inputs in the statistics. It searches and rounds GPTQ's least-squares target W C H^-1, so it
+    lands closer to W X_f than plain AWQ; without cross statistics it is plain AWQ."""
+    from lowbit.algorithms.awq import awq
+    from lowbit.algorithms.gptq import asymmetric_target
+    from lowbit.calibration import LayerStats
+
+    spec = QuantSpec(Int(4, False), PerGroup(32))
+    x_float = correlated_inputs(2048, 96, seed=7)
+    drift = torch.randn(96, 96, generator=torch.Generator().manual_seed(8)) * 0.05
+    x_seen = x_float + x_float @ drift
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(9))
+    stats = LayerStats(
+        hessian_sum=(x_seen.T @ x_seen).double(),
+        hessian_rows=2048,
+        cross_sum=(x_float.T @ x_seen).double(),
+        samples=x_seen[:1024],
+    )
+
+    def err(result):
+        w_eff = result.qweight.dequantize() / result.smooth
+        return float(((x_float @ w.T - x_seen @ w_eff.T) ** 2).mean())
+
+    plain, asymmetric = awq(w, spec, stats, grid=10), awq(w, spec, stats, grid=10, asymmetric=True)
+    assert err(asymmetric) < 0.5 * err(plain)
+    target = asymmetric_target(w, stats.hessian, stats.cross, 0.01)
+    direct = awq_quantize(target, stats.samples, spec, grid=10)
+    assert torch.equal(asymmetric.smooth, direct.smooth)
+    assert torch.equal(asymmetric.qweight.codes(), direct.qweight.codes())
+    no_cross = LayerStats(hessian_sum=stats.hessian_sum, hessian_rows=2048, samples=stats.samples)
+    same = awq(w, spec, no_cross, grid=10, asymmetric=True)
+    assert torch.equal(same.qweight.codes(), plain.qweight.codes())
+    with pytest.raises(SpecError, match="asymmetric"):
+        awq(w, spec, stats, asymmetric="yes")

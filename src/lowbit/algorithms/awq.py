@@ -6,6 +6,12 @@ grid-searched for the least output error on sampled calibration inputs (jointly 
 that read the same input), then a per-group clipping ratio is searched the same way. With
 ``gptq: true`` the scaled weight is rounded by GPTQ instead of clip search and round-to-nearest
 (the two methods compose: AWQ picks the scales, GPTQ compensates the rounding).
+
+``asymmetric: true`` searches and rounds GPTQ's float-output target W C H^-1 instead of W (see
+``gptq.asymmetric_target``): in a block-by-block run each layer then also undoes, as far as a
+linear map can, the error the quantized layers before it left in its inputs. It needs the
+Hessian and the float model's inputs (a float copy of each block), so it costs about twice the
+time of plain AWQ.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..ranges import MinMax
 from ..spec import QuantSpec
 from ..tensor import QTensor
 from . import LayerResult, register_algorithm
-from .gptq import gptq_quantize
+from .gptq import asymmetric_target, gptq_quantize
 
 
 def fake_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -137,12 +143,25 @@ def awq_quantize(
     return LayerResult(qweight, smooth=s)
 
 
+def awq_target(weight: torch.Tensor, stats, asymmetric: bool) -> torch.Tensor:
+    """The weight AWQ scales and rounds: the layer's own, or with ``asymmetric`` GPTQ's float-output
+    target W C H^-1 (the least-squares weight that maps the inputs this layer sees in a block-by-block
+    run onto the float model's outputs), where the statistics hold the float model's inputs."""
+    if not asymmetric or stats is None or stats.cross_sum is None:
+        return weight
+    return asymmetric_target(weight.float(), stats.hessian, stats.cross, 0.01)
+
+
 @register_algorithm(
     "awq",
-    options={"grid", "clip", "duo", "gptq"},
-    stats={"samples", "hessian"},
+    options={"grid", "clip", "duo", "gptq", "asymmetric"},
+    stats={"samples", "hessian", "cross"},
     description="AWQ: activation-aware channel scales plus clipping search (or GPTQ rounding)",
-    option_stats=lambda options: {"samples", "hessian"} if options.get("gptq") else {"samples"},
+    option_stats=lambda options: (
+        {"samples"}
+        | ({"hessian"} if options.get("gptq") or options.get("asymmetric") else set())
+        | ({"cross"} if options.get("asymmetric") else set())
+    ),
 )
 def awq(
     weight: torch.Tensor,
@@ -154,6 +173,7 @@ def awq(
     clip: bool = True,
     duo: bool = False,
     gptq: bool = False,
+    asymmetric: bool = False,
     shared_scale: torch.Tensor | None = None,
     **_,
 ) -> LayerResult:
@@ -161,6 +181,9 @@ def awq(
         raise DataError(f"{name}: awq needs calibration data (sampled layer inputs)")
     if not (isinstance(grid, int) and grid >= 1):
         raise SpecError(f"{name}: awq grid={grid!r} must be a positive integer")
+    if asymmetric not in (True, False):
+        raise SpecError(f"{name}: awq asymmetric={asymmetric!r} must be true or false")
+    weight = awq_target(weight, stats, asymmetric)
     hessian = None
     if gptq:
         if stats.hessian_sum is None:

@@ -217,7 +217,9 @@ def restore_layer(
     except (AttributeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: layer {name!r} does not fit the model ({exc})") from exc
     want = scheme.weight.torch_scale_dtype if scheme.weight is not None else None
-    if want is not None and qweight.scale is not None and qweight.scale.dtype != want:
+    widened = want == torch.float16 and qweight.scale is not None and qweight.scale.dtype == torch.float32
+    # fp16 scales fall back to fp32 where a scale leaves fp16's range (primitives._round_scale)
+    if want is not None and qweight.scale is not None and qweight.scale.dtype != want and not widened:
         raise CheckpointError(
             f"{name}: scales are stored as {qweight.scale.dtype} but the recipe in lowbit.json says "
             f"{scheme.weight.scale_dtype}; the checkpoint was edited or is corrupt, re-create it"

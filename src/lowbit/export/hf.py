@@ -19,7 +19,7 @@ import torch
 
 from ..errors import CheckpointError, UnsupportedError
 from ..formats import Float
-from ..io import atomic_dir, write_safetensors
+from ..io import atomic_dir, check_replaceable, write_safetensors
 from ..models import Loaded
 from ..nn import QEmbedding, QLinear, QModule
 from ..recipe import output_head_name
@@ -114,6 +114,25 @@ def _tensors(model: torch.nn.Module, layers: dict[str, QModule], plan, dense) ->
     return out
 
 
+def check_hf_out(out: Path, source: Path) -> None:
+    """Refuse an output that would replace anything but an earlier export: the source checkpoint,
+    a file, or a directory of other files (a float model's config.json has no quantization_config)."""
+    if out.exists() and out.resolve() == source.resolve():
+        raise CheckpointError(f"{out}: the output would replace the checkpoint it is made from; choose a new path")
+    check_replaceable(out, "config.json", "Hugging Face export")
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            earlier = "quantization_config" in json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = False
+        if not earlier:
+            raise CheckpointError(
+                f"{out} holds a model that is not a quantized export (its config.json has no quantization_config); "
+                "refusing to replace it, choose a new output path"
+            )
+
+
 def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
     """Write the lowbit checkpoint ``source`` as a compressed-tensors HF directory ``out``."""
     source, out = Path(source), Path(out)
@@ -122,6 +141,7 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
             f"{source}: not a lowbit checkpoint (no {MANIFEST}); make one with "
             "`lowbit quantize MODEL --recipe w4-g128 --out DIR`"
         )
+    check_hf_out(out, source)
     loaded = load_checkpoint(source)
     if loaded.meta.get("type") != "hf" or not (source / "config.json").is_file():
         raise UnsupportedError(

@@ -27,6 +27,11 @@ class QEmbedding(QModule):
 
     @classmethod
     def from_float(cls, module: nn.Embedding, qweight: QTensor, activation: ActivationSpec, name: str = ""):
+        if type(module).forward is not nn.Embedding.forward:
+            raise UnsupportedError(
+                f"{name}: {type(module).__name__} overrides Embedding.forward, so swapping it would change the "
+                "model; skip it in the recipe (a rule with skip: true)"
+            )
         if activation.mode != "none":
             raise UnsupportedError(f"{name}: embeddings take integer ids; use a weight-only scheme for them")
         if module.max_norm is not None:
