@@ -180,5 +180,5 @@ def test_embeddings_with_their_own_forward_are_left_float_unless_named():
     assert "tokens" in plan and "positions" not in plan and "proj" in plan
     recipe = Recipe.from_dict({"rules": [{"match": "positions", "weight": {"format": "int8"}}]})
     assert "positions" in recipe.resolve(model)
-    with pytest.raises(UnsupportedError, match="overrides Embedding.forward"):
+    with pytest.raises(UnsupportedError, match=r"overrides Embedding\.forward"):
         lowbit.quantize(model, recipe)
