@@ -216,3 +216,24 @@ def test_scales_that_left_fp16_range_round_trip_as_fp32(tmp_path):
     assert loaded[0].qweight.scale.dtype == torch.float32
     x = torch.randn(3, 64)
     torch.testing.assert_close(loaded(x), quantized(x), rtol=0, atol=0)
+
+
+def test_hf_directories_keep_the_class_config_json_names(tmp_path):
+    """A ...ForSequenceClassification directory loads as that class (its classifier is not dropped
+    for the bare encoder) and its checkpoint rebuilds the same class with the same outputs."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, num_labels=3
+    )
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "cls")
+    loaded = lowbit.load_model(str(tmp_path / "cls"))
+    assert type(loaded.model).__name__ == "BertForSequenceClassification"
+    lowbit.quantize(loaded, "w8-weight")
+    assert "classifier" in loaded.model.lowbit.schemes
+    ids = torch.randint(0, 50, (2, 7))
+    expected = loaded.model(input_ids=ids).logits
+    back = lowbit.load(lowbit.save(loaded, tmp_path / "q"))
+    assert type(back.model).__name__ == "BertForSequenceClassification"
+    torch.testing.assert_close(back.model(input_ids=ids).logits, expected, rtol=0, atol=0)

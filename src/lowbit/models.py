@@ -129,10 +129,26 @@ _AUTO_CLASS = {
 }
 
 
-def _hf_class(kind: str):
+def _hf_class(kind: str, config: Any = None):
+    """The class config.json names (architectures[0]) where transformers has it for this config,
+    so e.g. a T5EncoderModel or a ...ForSequenceClassification keeps its own layers; else the
+    Auto class of ``kind``."""
     import transformers
 
+    named = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, named, None) if isinstance(named, str) else None
+    config_class = getattr(cls, "config_class", None)
+    if isinstance(cls, type) and config_class is not None and isinstance(config, config_class):
+        return cls
     return getattr(transformers, _AUTO_CLASS[kind])
+
+
+def hf_from_config(kind: str, config: Any, **kwargs: Any) -> nn.Module:
+    """A randomly initialised model of ``_hf_class(kind, config)`` (Auto classes have from_config,
+    concrete model classes _from_config)."""
+    cls = _hf_class(kind, config)
+    build = getattr(cls, "from_config", None) or cls._from_config
+    return build(config, **kwargs)
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -152,7 +168,7 @@ def _shape_mismatch(kind: str, config: Any, headers: dict) -> str:
     """The first tensor whose stored shape differs from what config.json builds, or ''."""
     try:
         with torch.device("meta"):
-            skeleton = _hf_class(kind).from_config(config)
+            skeleton = hf_from_config(kind, config)
     except Exception:
         return ""
     expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
@@ -187,7 +203,7 @@ def load_hf_dir(path: Path, source: str | None = None, kind: str | None = None) 
         headers.update({k: v for k, v in _header_check(weight_file).items() if k != "__metadata__"})
     _check_weight_dtypes(path, headers)
     try:
-        model = _hf_class(kind).from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = _hf_class(kind, config).from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         mismatch = _shape_mismatch(kind, config, headers)
         if mismatch:
@@ -203,7 +219,7 @@ def load_hf_dir(path: Path, source: str | None = None, kind: str | None = None) 
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
             raise ModelError(f"{path}: no usable tokenizer next to the weights ({exc})") from exc
-    meta = {"type": "hf", "kind": kind, "auto_class": _AUTO_CLASS[kind]}
+    meta = {"type": "hf", "kind": kind, "auto_class": _AUTO_CLASS[kind], "hf_class": type(model).__name__}
     return Loaded(model, kind, source or str(path), tokenizer, sha256=sha256_of(weights), meta=meta)
 
 

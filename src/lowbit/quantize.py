@@ -27,7 +27,7 @@ from .nn import WEIGHT_BUFFERS, QModule, same_weight, set_submodule, to_quantize
 from .primitives import check_finite, qparams_from_range
 from .ranges import MinMax, MovingMinMax
 from .recipe import LayerScheme, Recipe, resolve_recipe
-from .sequential import find_blocks, fold_into_norm, run_sequential
+from .sequential import _is_norm, find_blocks, fold_into_norm, run_sequential
 
 
 @dataclass
@@ -219,6 +219,48 @@ def quantize(
                 "quantize, remove the layer or exclude it from the recipe"
             )
         check_finite(weight, f"{name}.weight")
+    snapshot = _Snapshot(module, plan)
+    try:
+        return _quantize_planned(model, module, recipe, plan, calib, progress, sequential, journal, resume)
+    except BaseException:
+        snapshot.restore()  # a failed run leaves the float model as it was, ready for another try
+        raise
+
+
+class _Snapshot:
+    """What a quantization run changes in the model: the planned layers (swapped for quantized
+    ones) and the norms' parameters (AWQ/SmoothQuant fold their divisors into them)."""
+
+    def __init__(self, module: nn.Module, plan: dict[str, LayerScheme]) -> None:
+        self.module = module
+        self.layers = {name: module.get_submodule(name) for name in plan}
+        self.norms = {
+            name: {key: value.detach().clone() for key, value in norm.state_dict().items()}
+            for name, norm in module.named_modules()
+            if _is_norm(norm)
+        }
+
+    def restore(self) -> None:
+        for name, layer in self.layers.items():
+            set_submodule(self.module, name, layer)
+        for name, state in self.norms.items():
+            self.module.get_submodule(name).load_state_dict(state)
+        if hasattr(self.module, "lowbit"):
+            del self.module.lowbit
+
+
+def _quantize_planned(
+    model: nn.Module | Loaded,
+    module: nn.Module,
+    recipe: Recipe,
+    plan: dict[str, LayerScheme],
+    calib: Iterable[Any] | None,
+    progress: Callable[[str, int, int], None] | None,
+    sequential: bool,
+    journal: str | Path | None,
+    resume: bool,
+) -> nn.Module:
+    """quantize() after its checks: statistics, algorithms and layer swaps."""
     record = QuantizationRecord(recipe)
     if isinstance(model, Loaded):
         record.source = {"model": model.source, "sha256": model.sha256}

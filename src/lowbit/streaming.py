@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelError, SpecError
 from .io import atomic_dir, check_replaceable, write_json
-from .models import _AUTO_CLASS, _check_weight_dtypes, _hf_class, _quiet_transformers, sha256_of
+from .models import _AUTO_CLASS, _check_weight_dtypes, _quiet_transformers, hf_from_config, sha256_of
 from .nn import WEIGHT_BUFFERS, QModule, same_weight, set_submodule
 from .primitives import check_finite
 from .quantize import QuantizationRecord, _Quantizer
@@ -187,7 +187,7 @@ def _skeleton(source_dir: Path) -> nn.Module:
     config.dtype = torch.float32  # the checkpoint holds float32 tensors, as load_model gives
     try:
         with torch.device("meta"):
-            model = _hf_class("causal-lm").from_config(config)
+            model = hf_from_config("causal-lm", config)
     except (ValueError, KeyError) as exc:
         raise ModelError(f"{source_dir}: config.json does not describe a causal LM ({exc})") from exc
     return model.eval()
@@ -306,7 +306,12 @@ def quantize_streaming(
             "format_version": manifest_version(tied, layers),
             "kind": "causal-lm",
             "source": {"model": str(source_dir), "sha256": sha256_of(source.paths)},
-            "architecture": {"type": "hf", "auto_class": _AUTO_CLASS["causal-lm"], "kind": "causal-lm"},
+            "architecture": {
+                "type": "hf",
+                "auto_class": _AUTO_CLASS["causal-lm"],
+                "hf_class": type(model).__name__,
+                "kind": "causal-lm",
+            },
             "recipe": recipe.to_dict(),
             "layers": layers,
             "tied": tied,

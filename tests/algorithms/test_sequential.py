@@ -286,3 +286,24 @@ def test_asymmetric_awq_targets_the_float_model_through_shared_scales():
     # every layer once, plus q/k/v and gate/up again for their shared scale search
     assert len(targets) == 3 * (7 + 5), len(targets)
     assert errors["asymmetric"] < errors["plain"], errors
+
+
+def test_a_run_that_fails_midway_leaves_the_float_model_as_it_was():
+    """Block 0 is quantized with AWQ (divisors folded into its norms), then a layer of block 1
+    asks for something impossible: the error surfaces, every layer and norm is the float one
+    again, and the same model quantizes on a second try."""
+    from lowbit.errors import SpecError
+    from lowbit.nn.base import QModule
+
+    model, calib = tiny_llama(), batches(128, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    awq = {"weight": {"format": "int4-asym", "granularity": "group:32"}, "algorithm": "awq"}
+    bad = {"match": "model.layers.1.mlp.down_proj", "weight": {"format": "int4", "granularity": "group:32"}}
+    recipe = Recipe.from_dict({"rules": [{**bad, "algorithm": "hqq"}, awq]})
+    with pytest.raises(SpecError, match="asymmetric"):
+        lowbit.quantize(model, recipe, calib=calib)
+    assert not any(isinstance(m, QModule) for m in model.modules()) and not hasattr(model, "lowbit")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    lowbit.quantize(model, Recipe.from_dict({"rules": [awq]}), calib=calib)
+    assert model.lowbit.folded  # the retry folded divisors into norms as a first run would

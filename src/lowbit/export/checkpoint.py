@@ -38,12 +38,12 @@ def _versions() -> dict[str, str]:
 
 def _architecture(module: nn.Module, arch: dict[str, Any]) -> dict[str, Any]:
     if arch.get("type") in ("hf", "builtin"):
-        return {k: v for k, v in arch.items() if k in ("type", "auto_class", "builtin", "kind")}
+        return {k: v for k, v in arch.items() if k in ("type", "auto_class", "hf_class", "builtin", "kind")}
     if hasattr(module, "config") and hasattr(module, "save_pretrained"):
         from ..models import _AUTO_CLASS, _kind_of
 
         kind = _kind_of(module.config, module)
-        return {"type": "hf", "auto_class": _AUTO_CLASS[kind], "kind": kind}
+        return {"type": "hf", "auto_class": _AUTO_CLASS[kind], "hf_class": type(module).__name__, "kind": kind}
     return {"type": "module", "class": f"{type(module).__module__}.{type(module).__qualname__}"}
 
 
@@ -130,7 +130,7 @@ def _skeleton(directory: Path, arch: dict[str, Any], module: nn.Module | None) -
     if module is not None:
         return module
     if arch.get("type") == "hf":
-        from ..models import _hf_class, _quiet_transformers
+        from ..models import _quiet_transformers, hf_from_config
 
         _quiet_transformers()
         from transformers import AutoConfig
@@ -144,7 +144,10 @@ def _skeleton(directory: Path, arch: dict[str, Any], module: nn.Module | None) -
         except ImportError:  # transformers 4.x
             from transformers.modeling_utils import no_init_weights
         with no_init_weights():
-            return _hf_class(arch.get("kind", "encoder")).from_config(config)
+            # checkpoints from before "hf_class" was recorded were built with the Auto class
+            if not arch.get("hf_class"):
+                config.architectures = None
+            return hf_from_config(arch.get("kind", "encoder"), config)
     if arch.get("type") == "builtin" and arch.get("builtin") == "efficientnet-lite0":
         return efficientnet_skeleton()
     raise CheckpointError(

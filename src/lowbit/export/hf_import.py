@@ -33,7 +33,7 @@ def quant_method(path: Path) -> str | None:
 
 
 def _skeleton(path: Path) -> tuple[nn.Module, str]:
-    from ..models import _hf_class, _quiet_transformers
+    from ..models import _quiet_transformers, hf_from_config
 
     _quiet_transformers()
     from transformers import AutoConfig
@@ -50,7 +50,7 @@ def _skeleton(path: Path) -> tuple[nn.Module, str]:
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        model = _hf_class(kind).from_config(config, dtype=torch.float32)
+        model = hf_from_config(kind, config, dtype=torch.float32)
     return model, kind
 
 
@@ -170,7 +170,12 @@ def load(path: str | Path) -> Loaded:
     record.source = {"model": str(path), "sha256": digest}
     from ..models import _AUTO_CLASS
 
-    record.architecture = {"type": "hf", "auto_class": _AUTO_CLASS[kind], "kind": kind}
+    record.architecture = {
+        "type": "hf",
+        "auto_class": _AUTO_CLASS[kind],
+        "hf_class": type(model).__name__,
+        "kind": kind,
+    }
     model.lowbit = record
     model.eval()
     tokenizer = None
