@@ -237,3 +237,29 @@ def test_hf_directories_keep_the_class_config_json_names(tmp_path):
     back = lowbit.load(lowbit.save(loaded, tmp_path / "q"))
     assert type(back.model).__name__ == "BertForSequenceClassification"
     torch.testing.assert_close(back.model(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_hf_image_classifier_directory_calibrates_and_keeps_its_preprocessing(tmp_path):
+    """A ViT directory: images of any size are resized and normalised for it (config.json's image
+    size), so the default calibration images feed a static recipe; the checkpoint keeps the
+    preprocessing and classifies like the model it came from."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from lowbit.data import photo_crops
+    from lowbit.evaluation.classification import model_batches
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=48, num_labels=4,
+    )  # fmt: skip
+    ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    loaded = lowbit.load_model(str(tmp_path / "vit"))
+    images = photo_crops(count=5).images  # different sizes, uint8
+    batch = model_batches(images, loaded.preprocess)[0]
+    assert batch.shape == (5, 3, 32, 32) and float(batch.min()) >= -1.0 and float(batch.max()) <= 1.0
+    lowbit.quantize(loaded, "w8a8-static")  # default calibration: photo crops through the preprocessing
+    back = lowbit.load(lowbit.save(loaded, tmp_path / "q"))
+    torch.testing.assert_close(back.preprocess(images[0].unsqueeze(0)), loaded.preprocess(images[0].unsqueeze(0)))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(batch).logits, loaded.model(batch).logits)

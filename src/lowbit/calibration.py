@@ -277,6 +277,7 @@ def calibration_data(loaded: Any, path: str | None = None, samples: int = 128, s
     if loaded.kind == "encoder":
         texts = data.sentences(path or data.wikitext("valid"), count=samples)
         return data.encoder_batches(loaded.tokenizer, texts, batch_size=16, max_length=min(seq_len, 512))
+    from .evaluation.classification import image_batches
+
     pixels = data.images(path or "photo-crops").images
-    batch = loaded.preprocess(pixels) if loaded.preprocess is not None else pixels
-    return [batch[i : i + 16] for i in range(0, min(len(batch), samples), 16)]
+    return list(image_batches(pixels[:samples], loaded.preprocess, 16))

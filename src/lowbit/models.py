@@ -220,7 +220,8 @@ def load_hf_dir(path: Path, source: str | None = None, kind: str | None = None) 
         except (OSError, ValueError, TypeError) as exc:
             raise ModelError(f"{path}: no usable tokenizer next to the weights ({exc})") from exc
     meta = {"type": "hf", "kind": kind, "auto_class": _AUTO_CLASS[kind], "hf_class": type(model).__name__}
-    return Loaded(model, kind, source or str(path), tokenizer, sha256=sha256_of(weights), meta=meta)
+    preprocess = hf_image_preprocess(path, config) if kind == "image-classifier" else None
+    return Loaded(model, kind, source or str(path), tokenizer, preprocess, sha256=sha256_of(weights), meta=meta)
 
 
 def _smollm2() -> Loaded:
@@ -252,6 +253,64 @@ def _smollm2() -> Loaded:
     loaded.sha256 = digest
     loaded.meta["builtin"] = "smollm2-135m"
     return loaded
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Images (uint8 0-255, or float 0-1) -> a Hugging Face image model's input: resized to
+    ``size`` x ``size``, rescaled to 0-1, normalised by mean/std per channel (the settings of the
+    model's preprocessor_config.json, else config.json's image size and ViT's 0.5/0.5)."""
+
+    size: int
+    channels: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def to_processor_config(self) -> dict[str, Any]:
+        """These settings as a preprocessor_config.json (read back by ``hf_image_preprocess``)."""
+        return {
+            "size": {"height": self.size, "width": self.size},
+            "do_resize": True,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+        }
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.shape[1] != self.channels:
+            x = x.mean(dim=1, keepdim=True).expand(-1, self.channels, -1, -1)
+        size = (self.size, self.size)
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean[: self.channels]).reshape(1, -1, 1, 1)
+        std = torch.tensor(self.std[: self.channels]).reshape(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def hf_image_preprocess(path: Path, config: Any) -> ImagePreprocess | None:
+    """The preprocessing of a Hugging Face image model directory, or None if its size is unknown."""
+    settings = {}
+    processor = path / "preprocessor_config.json"
+    if processor.is_file():
+        settings = read_json(processor)
+    size = settings.get("size", getattr(config, "image_size", None))
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        return None
+    channels = int(getattr(config, "num_channels", 3))
+    if settings.get("do_normalize") is False:
+        return ImagePreprocess(size, channels, (0.0,) * channels, (1.0,) * channels)
+    mean, std = settings.get("image_mean", [0.5] * channels), settings.get("image_std", [0.5] * channels)
+    if isinstance(mean, (int, float)):
+        mean = [float(mean)] * channels
+    if isinstance(std, (int, float)):
+        std = [float(std)] * channels
+    return ImagePreprocess(size, channels, tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
 def efficientnet_preprocess(images: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,30 @@ def test_causal_lm_exports_logits(tmp_path, monkeypatch):
     assert (torch.from_numpy(theirs) - ours).abs().max().item() < 1e-5
 
 
+def test_hf_image_classifier_exports_from_its_config(tmp_path, monkeypatch):
+    """A ViT (model code reads the patch convolution's ``.weight.dtype``) exports with an example
+    made from config.json's image size; ONNX Runtime matches lowbit on other images."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    cfg = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=96, num_labels=5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    kind = "image-classifier"
+    meta = {"type": "hf", "auto_class": "AutoModelForImageClassification", "kind": kind}
+    loaded = Loaded(ViTForImageClassification(cfg).eval(), kind, "tiny-vit", meta=meta)
+    lowbit.quantize(loaded, "w8-weight")
+    info = export(lowbit.save(loaded, tmp_path / "vit"), tmp_path / "vit.onnx")
+    assert info["inputs"] == ["pixel_values"] and info["max_abs_diff"] < 1e-4
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ours = loaded.model(pixel_values=x).logits
+    theirs = session(tmp_path / "vit.onnx").run(None, {"pixel_values": x.numpy()})[0]
+    assert (torch.from_numpy(theirs) - ours).abs().max().item() < 1e-4
+
+
 class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()

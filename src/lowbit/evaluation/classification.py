@@ -15,7 +15,7 @@ Images = torch.Tensor | list[torch.Tensor]
 Preprocess = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _batches(images: Images, preprocess: Preprocess | None, batch_size: int):
+def image_batches(images: Images, preprocess: Preprocess | None, batch_size: int):
     """Model-ready batches: a tensor is sliced; a list of differently sized images is preprocessed
     one by one (preprocess must bring them to one size) and then stacked."""
     for i in range(0, len(images), batch_size):
@@ -51,7 +51,7 @@ def model_batches(images: Images, preprocess: Preprocess | None = None, batch_si
         raise DataError("classify: no images given; pass at least one")
     if batch_size < 1:
         raise DataError(f"classify: batch_size={batch_size}; use 1 or more")
-    return list(_batches(images, preprocess, batch_size))
+    return list(image_batches(images, preprocess, batch_size))
 
 
 @torch.inference_mode()

@@ -15,7 +15,14 @@ from torch import nn
 
 from ..errors import CheckpointError, LowbitError
 from ..io import atomic_dir, check_replaceable, read_safetensors, write_json, write_safetensors
-from ..models import Loaded, efficientnet_preprocess, efficientnet_skeleton, read_json
+from ..models import (
+    ImagePreprocess,
+    Loaded,
+    efficientnet_preprocess,
+    efficientnet_skeleton,
+    hf_image_preprocess,
+    read_json,
+)
 from ..nn import QModule, set_submodule, to_quantized
 from ..quantize import QuantizationRecord
 from ..recipe import LayerScheme, Recipe, malformed
@@ -116,6 +123,8 @@ def save(model: nn.Module | Loaded, directory: str | Path, tokenizer: Any = None
         write_safetensors(tmp / WEIGHTS, tensors, {"format": FORMAT})
         if arch["type"] == "hf":
             module.config.save_pretrained(tmp)
+        if loaded is not None and isinstance(loaded.preprocess, ImagePreprocess):
+            write_json(tmp / "preprocessor_config.json", loaded.preprocess.to_processor_config())
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         write_json(tmp / MANIFEST, manifest)
@@ -306,6 +315,8 @@ def _build(directory: Path, manifest: dict, tensors: dict[str, torch.Tensor], mo
     model.lowbit = record
     tokenizer = _tokenizer(directory) if kind != "image-classifier" else None
     preprocess = efficientnet_preprocess if arch.get("builtin") == "efficientnet-lite0" else None
+    if kind == "image-classifier" and arch.get("type") == "hf":
+        preprocess = hf_image_preprocess(directory, getattr(model, "config", None))
     meta = {**arch, "quantized": True, "source_model": manifest.get("source", {}).get("model")}
     return Loaded(model, kind, str(directory), tokenizer, preprocess, manifest.get("source", {}).get("sha256"), meta)
 

@@ -73,6 +73,11 @@ def _graph_io(loaded: Loaded, example: Any) -> tuple[nn.Module, tuple, list[str]
         return _TextModel(model, loaded.kind), (ids, mask), ["input_ids", "attention_mask"], [out], axes
     if example is None and loaded.meta.get("builtin") == "efficientnet-lite0":
         example = torch.zeros(1, 3, 224, 224)
+    config = getattr(model, "config", None)
+    if example is None and loaded.kind == "image-classifier" and isinstance(getattr(config, "image_size", None), int):
+        gen = torch.Generator().manual_seed(0)  # HF image classifiers: the size and channels config.json gives
+        size, channels = config.image_size, int(getattr(config, "num_channels", 3))
+        example = torch.randn(1, channels, size, size, generator=gen)
     if example is None:
         raise SpecError(
             f"{loaded.source}: a {loaded.kind} model of type {type(model).__name__} needs an example input; "

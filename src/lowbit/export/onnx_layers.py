@@ -162,6 +162,14 @@ class _Exported(nn.Module):
         scale, zero = module.input_scale, module.input_zero_point
         self.register_buffer("input_scale", None if scale is None else scale.float().reshape(()))
         self.register_buffer("input_zero_point", None if zero is None else zero.to(torch.uint8).reshape(()))
+        self._qweight = module.qweight  # what ``.weight`` gives where no float weight is written
+
+    def __getattr__(self, name: str):
+        """``.weight`` keeps working for model code that reads its dtype or shape (HF ViT's patch
+        embedding does): the float buffer where one is written, else the quantized weight."""
+        if name == "weight" and "weight" not in self.__dict__.get("_buffers", {}):
+            return self.__dict__["_qweight"]
+        return super().__getattr__(name)
 
     def quantize_input(self, x: torch.Tensor, channel_axis: int) -> torch.Tensor:
         if self.input_smooth is not None:
