@@ -19,6 +19,7 @@ from .errors import DataError, SpecError
 from .models import Loaded
 from .nn import QConv2d, QLinear, QModule, set_submodule
 from .nn.fake import FakeQuantConv2d, FakeQuantLinear, _FakeQuantLayer
+from .nn.transposed import conv1d_as_linear, is_conv1d
 from .primitives import quantize
 from .quantize import QuantizationRecord
 from .recipe import Recipe, resolve_recipe
@@ -89,6 +90,8 @@ def prepare_qat(
         layer = module.get_submodule(name)
         if scheme.weight is None:
             raise SpecError(f"{name}: QAT needs a weight spec in the scheme")
+        if is_conv1d(layer):  # GPT-2's Conv1D: trained as the Linear it is
+            layer = conv1d_as_linear(layer)
         if isinstance(layer, nn.Linear):
             new = FakeQuantLinear(layer, scheme, warmup)
         elif isinstance(layer, nn.Conv2d):

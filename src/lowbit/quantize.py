@@ -24,6 +24,7 @@ from .calibration import collect_statistics
 from .errors import DataError, SpecError
 from .models import Loaded
 from .nn import WEIGHT_BUFFERS, QModule, same_weight, set_submodule, to_quantized
+from .nn.transposed import conv1d_as_linear, is_conv1d
 from .primitives import check_finite, qparams_from_range
 from .ranges import MinMax, MovingMinMax
 from .recipe import LayerScheme, Recipe, resolve_recipe
@@ -221,6 +222,9 @@ def quantize(
         check_finite(weight, f"{name}.weight")
     snapshot = _Snapshot(module, plan)
     try:
+        for name in plan:  # GPT-2's Conv1D: quantized as the Linear it is (weight transposed)
+            if is_conv1d(module.get_submodule(name)):
+                set_submodule(module, name, conv1d_as_linear(module.get_submodule(name)))
         return _quantize_planned(model, module, recipe, plan, calib, progress, sequential, journal, resume)
     except BaseException:
         snapshot.restore()  # a failed run leaves the float model as it was, ready for another try

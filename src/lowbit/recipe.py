@@ -257,7 +257,7 @@ class Rule:
 
     def matches(self, name: str, module: nn.Module) -> bool:
         types = self.types or tuple(LAYER_TYPES)
-        return any(isinstance(module, LAYER_TYPES[t]) for t in types) and fnmatch.fnmatchcase(name, self.match)
+        return any(is_layer_type(module, t) for t in types) and fnmatch.fnmatchcase(name, self.match)
 
     def names_exactly(self, name: str) -> bool:
         return not any(c in self.match for c in "*?[") and self.match == name
@@ -298,7 +298,7 @@ class Recipe:
         head = output_head_name(model)
         plan: dict[str, LayerScheme] = {}
         for name, module in model.named_modules():
-            if not any(isinstance(module, t) for t in LAYER_TYPES.values()) or not name:
+            if not any(is_layer_type(module, t) for t in LAYER_TYPES) or not name:
                 continue
             vocabulary = name == head or isinstance(module, nn.Embedding)
             protected = (name == head and not self.include_head) or (
@@ -399,6 +399,13 @@ def read_recipe_file(path: str | Path) -> Recipe:
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError: both mean a malformed file
         raise SpecError(f"{path}: cannot parse the recipe ({exc})") from exc
     return Recipe.from_dict(data, where=str(path))
+
+
+def is_layer_type(module: nn.Module, type_name: str) -> bool:
+    """``module`` is a layer of LAYER_TYPES[type_name]; GPT-2's Conv1D counts as a Linear."""
+    from .nn.transposed import is_conv1d
+
+    return isinstance(module, LAYER_TYPES[type_name]) or (type_name == "Linear" and is_conv1d(module))
 
 
 def _custom_embedding(module: nn.Module) -> bool:

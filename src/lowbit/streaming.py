@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelError, SpecError
+from .errors import CheckpointError, ModelError, SpecError, UnsupportedError
 from .io import atomic_dir, check_replaceable, write_json
 from .models import _AUTO_CLASS, _check_weight_dtypes, _quiet_transformers, hf_from_config, sha256_of
 from .nn import WEIGHT_BUFFERS, QModule, same_weight, set_submodule
+from .nn.transposed import is_conv1d
 from .primitives import check_finite
 from .quantize import QuantizationRecord, _Quantizer
 from .recipe import Recipe, resolve_recipe
@@ -246,6 +247,12 @@ def quantize_streaming(
     model = _skeleton(source_dir)
     plan = recipe.resolve(model)
     _plan_check(recipe, plan, model)
+    transposed = [name for name in plan if is_conv1d(model.get_submodule(name))]
+    if transposed:
+        raise UnsupportedError(
+            f"{source_dir}: {transposed[0]} is a GPT-2 style Conv1D layer, which --stream does not quantize; "
+            "run without --stream (the model is loaded whole)"
+        )
     aliases = _aliases(model)
     record = QuantizationRecord(recipe)
     quantizer = _Quantizer(model, plan, record)

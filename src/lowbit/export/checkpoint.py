@@ -24,6 +24,7 @@ from ..models import (
     read_json,
 )
 from ..nn import QModule, set_submodule, to_quantized
+from ..nn.transposed import conv1d_as_linear, is_conv1d
 from ..quantize import QuantizationRecord
 from ..recipe import LayerScheme, Recipe, malformed
 from ..tensor import QTensor
@@ -236,6 +237,8 @@ def restore_layer(
             f"{name}: scales are stored as {qweight.scale.dtype} but the recipe in lowbit.json says "
             f"{scheme.weight.scale_dtype}; the checkpoint was edited or is corrupt, re-create it"
         )
+    if is_conv1d(float_layer):  # GPT-2's Conv1D was quantized as the Linear it is
+        float_layer = conv1d_as_linear(float_layer)
     expected = tuple(float_layer.weight.shape)
     if tuple(qweight.shape) != expected:
         raise CheckpointError(

@@ -114,6 +114,25 @@ def _tensors(model: torch.nn.Module, layers: dict[str, QModule], plan, dense) ->
     return out
 
 
+def refuse_transposed_layers(source: Path, kind: str, names: list[str]) -> None:
+    """GPT-2 style Conv1D layers (weight [in, out]) come back wrong from a compressed-tensors
+    directory (transformers reads the codes as a Linear's): refuse rather than write that."""
+    from transformers import AutoConfig
+
+    from ..models import hf_from_config
+    from ..nn.transposed import is_conv1d
+
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    with torch.device("meta"):
+        skeleton = hf_from_config(kind, config)
+    transposed = [name for name in names if is_conv1d(skeleton.get_submodule(name))]
+    if transposed:
+        raise UnsupportedError(
+            f"{source}: {transposed[0]} is a GPT-2 style Conv1D layer, which transformers' compressed-tensors "
+            "loader would read transposed; keep the lowbit checkpoint or export it with --format onnx"
+        )
+
+
 def check_hf_out(out: Path, source: Path) -> None:
     """Refuse an output that would replace anything but an earlier export: the source checkpoint,
     a file, or a directory of other files (a float model's config.json has no quantization_config)."""
@@ -149,6 +168,7 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
             "--format onnx instead"
         )
     layers = _quantized_layers(loaded.model)
+    refuse_transposed_layers(source, loaded.kind, list(layers))
     head = output_head_name(loaded.model)
     plan, dense = _plan(layers, head)
     config = json.loads((source / "config.json").read_text())
