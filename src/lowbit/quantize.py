@@ -19,7 +19,7 @@ from torch import nn
 
 from . import distributed, sparse
 from .algorithms import Algorithm, as_result, get_algorithm
-from .algorithms.awq import awq_target, search_scales
+from .algorithms.awq import awq_target, search_rows, search_scales
 from .calibration import collect_statistics
 from .errors import DataError, SpecError
 from .models import Loaded
@@ -171,7 +171,8 @@ class _Quantizer:
                     for m in members
                 ]
                 duo = bool(options.get("duo", False))
-                scale = search_scales(weights, stats[members[0]].samples, specs.pop(), options.get("grid", 20), duo)
+                rows = search_rows(stats[members[0]], asymmetric)
+                scale = search_scales(weights, rows, specs.pop(), options.get("grid", 20), duo)
                 shared.update({m: scale for m in members})
         for name in names:
             extra = {"shared_scale": shared[name]} if name in shared else {}

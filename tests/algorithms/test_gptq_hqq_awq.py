@@ -225,9 +225,10 @@ def test_asymmetric_gptq_lowers_the_error_against_float_outputs():
 
 def test_asymmetric_awq_scales_and_rounds_the_float_output_target():
     """AWQ with ``asymmetric``: drifted inputs (as after quantized blocks) with the float model's
-    inputs in the statistics. It searches and rounds GPTQ's least-squares target W C H^-1, so it
-    lands closer to W X_f than plain AWQ; without cross statistics it is plain AWQ."""
-    from lowbit.algorithms.awq import awq
+    inputs in the statistics. It searches and rounds GPTQ's least-squares target W C H^-1, with
+    errors measured through the Hessian (all rows), so it lands closer to W X_f than plain AWQ;
+    without cross statistics it keeps W as the target."""
+    from lowbit.algorithms.awq import awq, hessian_rows
     from lowbit.algorithms.gptq import asymmetric_target
     from lowbit.calibration import LayerStats
 
@@ -249,12 +250,14 @@ def test_asymmetric_awq_scales_and_rounds_the_float_output_target():
 
     plain, asymmetric = awq(w, spec, stats, grid=10), awq(w, spec, stats, grid=10, asymmetric=True)
     assert err(asymmetric) < 0.5 * err(plain)
+    rows = hessian_rows(stats.hessian)
+    torch.testing.assert_close(rows.T.double() @ rows.double(), stats.hessian, rtol=1e-4, atol=1e-4)
     target = asymmetric_target(w, stats.hessian, stats.cross, 0.01)
-    direct = awq_quantize(target, stats.samples, spec, grid=10)
+    direct = awq_quantize(target, rows, spec, grid=10)
     assert torch.equal(asymmetric.smooth, direct.smooth)
     assert torch.equal(asymmetric.qweight.codes(), direct.qweight.codes())
     no_cross = LayerStats(hessian_sum=stats.hessian_sum, hessian_rows=2048, samples=stats.samples)
     same = awq(w, spec, no_cross, grid=10, asymmetric=True)
-    assert torch.equal(same.qweight.codes(), plain.qweight.codes())
+    assert torch.equal(same.qweight.codes(), awq_quantize(w, rows, spec, grid=10).qweight.codes())
     with pytest.raises(SpecError, match="asymmetric"):
         awq(w, spec, stats, asymmetric="yes")
