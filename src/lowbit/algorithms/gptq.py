@@ -222,6 +222,7 @@ def gptq(
     asymmetric: bool = False,
     keep: torch.Tensor | None = None,
     sparsity=None,
+    groups: int = 1,
     **_,
 ) -> QTensor:
     """The registered form: the Hessian comes from calibration statistics. ``asymmetric`` rounds
@@ -235,8 +236,13 @@ def gptq(
         raise SpecError(f"{name}: gptq block_size={block_size!r} must be a positive integer")
     if asymmetric not in (True, False):
         raise SpecError(f"{name}: gptq asymmetric={asymmetric!r} must be true or false")
-    if asymmetric and stats.cross_sum is not None:
-        weight = asymmetric_target(weight.float(), stats.hessian, stats.cross, damp)
+    cross = stats.cross if asymmetric and stats.cross_sum is not None else None
+    if groups > 1:
+        if keep is not None or sparsity is not None:
+            raise SpecError(f"{name}: gptq with sparsity on a grouped convolution is not supported; use rtn for it")
+        return _grouped_gptq(weight, stats.hessian, cross, spec, groups, damp, block_size, bool(act_order), name)
+    if cross is not None:
+        weight = asymmetric_target(weight.float(), stats.hessian, cross, damp)
     prune = None
     if sparsity is not None and sparsity.method == "sparsegpt":
         prune, keep = (sparsity.pattern, sparsity.ratio), None
@@ -244,3 +250,40 @@ def gptq(
         weight.float(), stats.hessian.float(), spec, damp, block_size, bool(act_order), name, keep, prune
     )
     return qt
+
+
+def _grouped_gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    cross: torch.Tensor | None,
+    spec: QuantSpec,
+    groups: int,
+    damp: float,
+    block_size: int,
+    act_order: bool,
+    name: str,
+) -> QTensor:
+    """A grouped (e.g. depthwise) convolution: each group's output channels read only its own
+    input channels, so GPTQ runs per group on that block of the Hessian (the unfolded input's
+    features are channel-major, so a group's block is contiguous)."""
+    if isinstance(spec.granularity, PerTensor):
+        raise SpecError(f"{name}: gptq on a grouped convolution needs per-channel or per-group scales")
+    out = weight.shape[0]
+    flat = weight.detach().float().reshape(out, -1)
+    rows, cols = out // groups, flat.shape[1]
+    if hessian.shape != (groups * cols, groups * cols):
+        raise DataError(f"{name}: Hessian is {tuple(hessian.shape)} but {groups} groups of {cols} inputs need "
+                        f"{groups * cols}")  # fmt: skip
+    codes, scales, zeros = [], [], []
+    for g in range(groups):
+        r, c = slice(g * rows, (g + 1) * rows), slice(g * cols, (g + 1) * cols)
+        part, h = flat[r], hessian[c, c]
+        if cross is not None:
+            part = asymmetric_target(part, h, cross[c, c], damp)
+        qt, _ = gptq_quantize(part, h.float(), spec, damp, block_size, act_order, f"{name} (group {g})")
+        codes.append(qt.codes().reshape(rows, cols))
+        scales.append(qt.scale)
+        zeros.append(qt.zero_point)
+    zero = None if zeros[0] is None else torch.cat(zeros)
+    qparams = QParams(torch.cat(scales), zero)
+    return QTensor.from_codes(torch.cat(codes).reshape(weight.shape), qparams, spec, weight.shape, weight.dtype)
