@@ -167,3 +167,27 @@ def test_write_shard_reads_back_with_safetensors(tmp_path):
         for name, tensor in tensors.items():
             got = fh.get_tensor(name)
             assert got.dtype == tensor.dtype and torch.equal(got, tensor), name
+
+
+def test_stored_names_that_transformers_renames_are_found(tmp_path):
+    """GPT-NeoX files store the head as embed_out.weight; transformers loads it as lm_head. The
+    streamed checkpoint finds it under its stored name and equals the in-memory one."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    source = tmp_path / "neox"
+    GPTNeoXForCausalLM(cfg).save_pretrained(source)
+    tensors = load_file(source / "model.safetensors")
+    if "lm_head.weight" in tensors:  # store it under the older name, as released checkpoints do
+        tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
+        save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    streamed = quantize_streaming(source, "w8-weight", tmp_path / "stream")
+    loaded = lowbit.load_model(source)
+    lowbit.quantize(loaded, "w8-weight")
+    want, got = read_weights(lowbit.save(loaded, tmp_path / "memory")), read_weights(streamed)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

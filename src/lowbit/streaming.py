@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class SourceWeights:
         from .io import _header_check
 
         self.directory = directory
+        self.renamed: dict[str, str] = {}  # model's name -> stored name, where transformers renames
         index = directory / SOURCE_INDEX
         if index.exists():
             try:
@@ -74,8 +76,32 @@ class SourceWeights:
         self.paths = [directory / shard for shard in sorted(self.headers)]
 
     def find(self, names: list[str]) -> str | None:
-        """The first of ``names`` (aliases of one tensor) stored in the files."""
-        return next((n for n in names if n in self.files), None)
+        """The first of ``names`` (aliases of one tensor) stored in the files, under its own name
+        or the older one transformers renames on loading (``rename_keys``)."""
+        return next((self.renamed.get(n, n) for n in names if self.renamed.get(n, n) in self.files), None)
+
+    def rename_keys(self, model: nn.Module) -> None:
+        """Learn which stored names transformers renames for ``model`` (e.g. GPT-NeoX's embed_out ->
+        lm_head) from its conversion mapping; a mapping that merges or splits tensors cannot be
+        streamed tensor by tensor."""
+        self.renamed = {}
+        try:
+            from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+        except ImportError:  # transformers 4.x: no mapping, names are as stored
+            return
+        rules = []
+        for rule in get_model_conversion_mapping(model) or []:
+            if type(rule) is not WeightRenaming:
+                continue
+            targets = list(rule.target_patterns)
+            for i, source in enumerate(rule.source_patterns):
+                rules.append((re.compile(source), targets[min(i, len(targets) - 1)]))
+        for key in self.files:
+            name = key
+            for pattern, target in rules:
+                name = pattern.sub(lambda _m, t=target: t, name)
+            if name != key:
+                self.renamed[name] = key
 
     def read(self, key: str) -> torch.Tensor:
         """One tensor as float32 (integer tensors unchanged)."""
@@ -253,6 +279,7 @@ def quantize_streaming(
             f"{source_dir}: {transposed[0]} is a GPT-2 style Conv1D layer, which --stream does not quantize; "
             "run without --stream (the model is loaded whole)"
         )
+    source.rename_keys(model)
     aliases = _aliases(model)
     record = QuantizationRecord(recipe)
     quantizer = _Quantizer(model, plan, record)
