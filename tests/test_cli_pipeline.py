@@ -63,7 +63,7 @@ def test_quantize_then_eval_a_model_directory(tiny_bert_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["recipe"] == "w8-weight" and info["layers"] == 16 and (out / "lowbit.json").exists()
-    assert 8.4 < info["bits_per_weight"] < 9.0  # 8-bit codes + one fp32 scale per row of 32-64
+    assert 8.4 < info["quantized_bits_per_weight"] < 9.0  # 8-bit codes + one fp32 scale per row of 32-64
     # 16 layers: 12 linears, the pooler (the output head) and 3 embedding tables
     manifest = json.loads((out / "lowbit.json").read_text())
     assert manifest["source"]["model"] == str(tiny_bert_dir) and len(manifest["source"]["sha256"]) == 64
@@ -71,6 +71,7 @@ def test_quantize_then_eval_a_model_directory(tiny_bert_dir, tmp_path):
     assert ev.returncode == 0, ev.stderr
     data = json.loads(ev.stdout)
     assert set(data) >= {"task", "metrics", "size_bytes", "bits_per_weight", "model"}
+    assert data["bits_per_weight"] == pytest.approx(info["bits_per_weight"])  # one figure for one checkpoint
     assert data["metrics"]["mean_cosine"] > 0.99  # compared with the source model named in lowbit.json
 
 

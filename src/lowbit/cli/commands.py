@@ -220,7 +220,8 @@ def quantize_cmd(
         "layers": len(loaded.model.lowbit.schemes),
         "resumed_blocks": loaded.model.lowbit.resumed_blocks,
         "size_bytes": directory_bytes(out),
-        "bits_per_weight": size["quantized_bits_per_weight"],
+        "bits_per_weight": size["bits_per_weight"],  # all weight layers, as `lowbit eval` reports it
+        "quantized_bits_per_weight": size["quantized_bits_per_weight"],
         "seconds": time.perf_counter() - start,
     }
     if target is not None:
