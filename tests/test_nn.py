@@ -110,3 +110,33 @@ def test_forced_reference_kernel(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL", "no-such-kernel")
     with pytest.raises(UnsupportedError, match="no-such-kernel"):
         q(torch.randn(2, 16))
+
+
+class _MatmulLinear(nn.Linear):
+    """Like Falcon's FalconLinear: its own forward, the same arithmetic."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class _ScaledLinear(nn.Linear):
+    """A forward that is not a plain linear (an extra factor, as a LoRA term would add)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_linear_subclasses_are_quantized_only_when_they_compute_a_linear():
+    import lowbit
+    from lowbit.errors import UnsupportedError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_MatmulLinear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(5, 16)
+    reference = model(x)
+    lowbit.quantize(model, "w8-weight")
+    assert isinstance(model[0], QLinear)
+    torch.testing.assert_close(model(x), reference, rtol=0.05, atol=0.02)
+    with pytest.raises(UnsupportedError, match=r"overrides Linear\.forward"):
+        lowbit.quantize(nn.Sequential(_ScaledLinear(16, 8)), "w8-weight")
