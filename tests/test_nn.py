@@ -127,16 +127,23 @@ class _ScaledLinear(nn.Linear):
         return 2 * super().forward(x)
 
 
-def test_linear_subclasses_are_quantized_only_when_they_compute_a_linear():
+def test_linear_subclasses_are_quantized_only_when_they_compute_a_linear(tmp_path):
     import lowbit
     from lowbit.errors import UnsupportedError
 
-    torch.manual_seed(0)
-    model = nn.Sequential(_MatmulLinear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(_MatmulLinear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    model = build()
     x = torch.randn(5, 16)
     reference = model(x)
     lowbit.quantize(model, "w8-weight")
     assert isinstance(model[0], QLinear)
     torch.testing.assert_close(model(x), reference, rtol=0.05, atol=0.02)
+    skeleton = build()
+    nn.init.constant_(skeleton[0].weight, float("nan"))  # whatever the skeleton holds, it loads
+    back = lowbit.load(lowbit.save(model, tmp_path / "q"), module=skeleton).model
+    torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
     with pytest.raises(UnsupportedError, match=r"overrides Linear\.forward"):
         lowbit.quantize(nn.Sequential(_ScaledLinear(16, 8)), "w8-weight")
