@@ -237,6 +237,11 @@ def test_hf_directories_keep_the_class_config_json_names(tmp_path):
     back = lowbit.load(lowbit.save(loaded, tmp_path / "q"))
     assert type(back.model).__name__ == "BertForSequenceClassification"
     torch.testing.assert_close(back.model(input_ids=ids).logits, expected, rtol=0, atol=0)
+    from lowbit.evaluation.embedding import encoder_hidden  # embeddings still come from the encoder
+
+    with torch.no_grad():
+        hidden = encoder_hidden(back.model, {"input_ids": ids})
+        torch.testing.assert_close(hidden, back.model.bert(input_ids=ids).last_hidden_state)
 
 
 def test_hf_image_classifier_directory_calibrates_and_keeps_its_preprocessing(tmp_path):

@@ -16,9 +16,20 @@ from ..errors import DataError, ModelError
 from .perplexity import model_device
 
 
+def encoder_hidden(model: nn.Module, batch: dict[str, torch.Tensor], out: Any = None) -> torch.Tensor | None:
+    """The encoder's last hidden states for ``batch`` (``out``: the forward's result if already run):
+    ``last_hidden_state``, or for a model with a head (e.g. ...ForMaskedLM, ...ForSequenceClassification)
+    the last of its ``hidden_states``."""
+    out = model(**batch) if out is None else out
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None and hasattr(out, "hidden_states") and hasattr(out, "logits"):
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
+    return hidden
+
+
 def _last_hidden_state(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**batch)
-    hidden = getattr(out, "last_hidden_state", None)
+    hidden = encoder_hidden(model, batch, out)
     if hidden is None and isinstance(out, (tuple, list)):
         hidden = out[0]
     if hidden is None and torch.is_tensor(out):

@@ -36,13 +36,17 @@ DYNAMIC = ("token", "ort")
 class _TextModel(nn.Module):
     """input_ids, attention_mask -> last_hidden_state (encoder) or logits (causal LM, no KV cache)."""
 
-    def __init__(self, model: nn.Module, kind: str) -> None:
+    def __init__(self, model: nn.Module, kind: str, hidden_states: bool = False) -> None:
         super().__init__()
         self.model, self.kind = model, kind
+        self.hidden_states = hidden_states  # an encoder with a head: its last hidden_states
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.kind == "causal-lm":
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if self.hidden_states:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            return out.hidden_states[-1]
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
@@ -70,7 +74,13 @@ def _graph_io(loaded: Loaded, example: Any) -> tuple[nn.Module, tuple, list[str]
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
         out = "logits" if loaded.kind == "causal-lm" else "last_hidden_state"
         axes[out] = {0: "batch", 1: "sequence"}
-        return _TextModel(model, loaded.kind), (ids, mask), ["input_ids", "attention_mask"], [out], axes
+        headed = False
+        if loaded.kind == "encoder":
+            with torch.no_grad():
+                probe = model(input_ids=ids[:1, :4], attention_mask=mask[:1, :4])
+            headed = getattr(probe, "last_hidden_state", None) is None and hasattr(probe, "hidden_states")
+        wrapper = _TextModel(model, loaded.kind, headed)
+        return wrapper, (ids, mask), ["input_ids", "attention_mask"], [out], axes
     if example is None and loaded.meta.get("builtin") == "efficientnet-lite0":
         example = torch.zeros(1, 3, 224, 224)
     config = getattr(model, "config", None)

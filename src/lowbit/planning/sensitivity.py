@@ -30,6 +30,7 @@ from .. import distributed
 from ..algorithms import as_result, get_algorithm
 from ..calibration import collect_statistics, forward_batch
 from ..errors import SpecError
+from ..evaluation.embedding import encoder_hidden
 from ..io import write_json
 from ..journal import hash_value
 from ..models import Loaded, cache_dir
@@ -131,7 +132,7 @@ def metric_outputs(kind: str, model: nn.Module, batch: Any) -> torch.Tensor:
     if kind == "causal-lm":
         return out.logits.float()
     if kind == "encoder":
-        hidden = out.last_hidden_state
+        hidden = encoder_hidden(model, batch, out)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
     return getattr(out, "logits", out).float()
