@@ -28,7 +28,7 @@ from .nn.transposed import conv1d_as_linear, is_conv1d
 from .primitives import check_finite, qparams_from_range
 from .ranges import MinMax, MovingMinMax
 from .recipe import LayerScheme, Recipe, resolve_recipe
-from .sequential import _is_norm, find_blocks, fold_into_norm, run_sequential
+from .sequential import find_blocks, fold_into_norm, is_norm, run_sequential
 
 
 @dataclass
@@ -242,7 +242,7 @@ class _Snapshot:
         self.norms = {
             name: {key: value.detach().clone() for key, value in norm.state_dict().items()}
             for name, norm in module.named_modules()
-            if _is_norm(norm)
+            if is_norm(norm)
         }
 
     def restore(self) -> None:

@@ -120,7 +120,7 @@ def run_block(block: nn.Module, call: Call) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
@@ -168,7 +168,7 @@ def block_statistics(
 
         handles += [module.register_forward_pre_hook(collector), module.register_forward_pre_hook(first_input)]
     for sub_name, module in block.named_modules():
-        if _is_norm(module):
+        if is_norm(module):
 
             def first_output(module, args, output, name=prefix + sub_name):
                 norm_outputs.setdefault(name, output)
