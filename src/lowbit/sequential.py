@@ -121,6 +121,7 @@ def run_block(block: nn.Module, call: Call) -> torch.Tensor:
 
 
 def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: LayerNorm, GroupNorm or any class named *RMSNorm / *LayerNorm."""
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
