@@ -162,12 +162,14 @@ class _Exported(nn.Module):
         scale, zero = module.input_scale, module.input_zero_point
         self.register_buffer("input_scale", None if scale is None else scale.float().reshape(()))
         self.register_buffer("input_zero_point", None if zero is None else zero.to(torch.uint8).reshape(()))
-        self._qweight = module.qweight  # what ``.weight`` gives where no float weight is written
+
+    def expose_weight(self, qweight) -> None:
+        """Let ``.weight`` answer (after the routes registered their buffers) with the quantized
+        weight where no float one is written, for model code that reads its dtype or shape."""
+        self.__dict__["_qweight"] = qweight
 
     def __getattr__(self, name: str):
-        """``.weight`` keeps working for model code that reads its dtype or shape (HF ViT's patch
-        embedding does): the float buffer where one is written, else the quantized weight."""
-        if name == "weight" and "weight" not in self.__dict__.get("_buffers", {}):
+        if name == "weight" and "weight" not in self.__dict__.get("_buffers", {}) and "_qweight" in self.__dict__:
             return self.__dict__["_qweight"]
         return super().__getattr__(name)
 
@@ -220,6 +222,7 @@ class OnnxLinear(_Exported):
             label = "float"
         self.shape = tuple(qt.shape)
         self.note = LayerNote(name, label, act_name, why, act_gap(module))
+        self.expose_weight(module.qweight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         side = None
@@ -277,6 +280,7 @@ class OnnxConv2d(_Exported):
             self.register_buffer("weight", qt.dequantize(torch.float32))
         act_name = _act_label(act)
         self.note = LayerNote(name, "int8-qdq" if self.route == "qdq" else "float", act_name, why, act_gap(module))
+        self.expose_weight(module.qweight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(self.pre_pad(x), 1)
