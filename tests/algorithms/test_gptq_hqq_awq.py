@@ -198,20 +198,31 @@ def test_asymmetric_target_is_the_least_squares_map_from_seen_to_float_inputs():
     torch.testing.assert_close(same, w, rtol=1e-9, atol=1e-9)  # float inputs: the plain target, damping or not
 
 
-def test_asymmetric_gptq_lowers_the_error_against_float_outputs():
-    """Inputs that drifted from the float model's (as after quantized blocks): GPTQ on the
-    asymmetric target gets closer to W X_f than GPTQ on W, which only matches W X."""
-    from lowbit.algorithms.gptq import gptq
+def drifted_problem():
+    """Inputs that drifted from the float model's (as after quantized blocks): (x_float, x_seen, w,
+    statistics with the Hessian of x_seen, the cross term with x_float and a row sample)."""
     from lowbit.calibration import LayerStats
 
-    spec = QuantSpec(Int(4, False), PerGroup(32))
     x_float = correlated_inputs(2048, 96, seed=7)
     drift = torch.randn(96, 96, generator=torch.Generator().manual_seed(8)) * 0.05
     x_seen = x_float + x_float @ drift
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(9))
     stats = LayerStats(
-        hessian_sum=(x_seen.T @ x_seen).double(), hessian_rows=2048, cross_sum=(x_float.T @ x_seen).double()
+        hessian_sum=(x_seen.T @ x_seen).double(),
+        hessian_rows=2048,
+        cross_sum=(x_float.T @ x_seen).double(),
+        samples=x_seen[:1024],
     )
+    return x_float, x_seen, w, stats
+
+
+def test_asymmetric_gptq_lowers_the_error_against_float_outputs():
+    """Inputs that drifted from the float model's (as after quantized blocks): GPTQ on the
+    asymmetric target gets closer to W X_f than GPTQ on W, which only matches W X."""
+    from lowbit.algorithms.gptq import gptq
+
+    spec = QuantSpec(Int(4, False), PerGroup(32))
+    x_float, x_seen, w, stats = drifted_problem()
 
     def err(qt):
         return float(((x_float @ w.T - x_seen @ qt.dequantize().T) ** 2).mean())
@@ -233,16 +244,7 @@ def test_asymmetric_awq_scales_and_rounds_the_float_output_target():
     from lowbit.calibration import LayerStats
 
     spec = QuantSpec(Int(4, False), PerGroup(32))
-    x_float = correlated_inputs(2048, 96, seed=7)
-    drift = torch.randn(96, 96, generator=torch.Generator().manual_seed(8)) * 0.05
-    x_seen = x_float + x_float @ drift
-    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(9))
-    stats = LayerStats(
-        hessian_sum=(x_seen.T @ x_seen).double(),
-        hessian_rows=2048,
-        cross_sum=(x_float.T @ x_seen).double(),
-        samples=x_seen[:1024],
-    )
+    x_float, x_seen, w, stats = drifted_problem()
 
     def err(result):
         w_eff = result.qweight.dequantize() / result.smooth

@@ -226,31 +226,43 @@ def test_calibration_samples_always_keep_the_rare_massive_rows():
     assert float(samples.abs().max()) == 1000.0
 
 
+def _plain_and_asymmetric(module, algorithm: str, record) -> dict[str, float]:
+    """Tiny Llamas quantized block by block with ``algorithm`` (int3-asym, groups of 32), plain and
+    with ``asymmetric``; every call of ``module.asymmetric_target`` is passed to ``record``.
+    Returns each model's logit error against float on held-out batches."""
+    calib, held_out = batches(128, 4), batches(128, 3, seed=9)
+    ref = tiny_llama()
+    original = module.asymmetric_target
+
+    def spy(weight, hessian, cross, damp):
+        record(weight, hessian, cross)
+        return original(weight, hessian, cross, damp)
+
+    errors = {}
+    for label, options in (("plain", {}), ("asymmetric", {"asymmetric": True})):
+        model = tiny_llama()
+        rule = {
+            "weight": {"format": "int3-asym", "granularity": "group:32"},
+            "algorithm": algorithm,
+            "options": options,
+        }
+        module.asymmetric_target = spy
+        try:
+            lowbit.quantize(model, Recipe.from_dict({"rules": [rule]}), calib=calib)
+        finally:
+            module.asymmetric_target = original
+        errors[label] = _logit_error(model, ref, held_out)
+    return errors
+
+
 def test_asymmetric_gptq_collects_float_inputs_beside_the_quantized_ones():
     """Block-by-block GPTQ with ``asymmetric``: layers after the first quantized ones get cross
     statistics against the float model's inputs (equal to the Hessian in block 0's first stage,
     different later); the model is closer to float than plain GPTQ on held-out data."""
     from lowbit.algorithms import gptq as gptq_module
 
-    calib, held_out = batches(128, 4), batches(128, 3, seed=9)
-    ref = tiny_llama()
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    original = gptq_module.asymmetric_target
-
-    def spy(weight, hessian, cross, damp):
-        seen[len(seen)] = (hessian.clone(), cross.clone())
-        return original(weight, hessian, cross, damp)
-
-    errors = {}
-    for label, options in (("plain", {}), ("asymmetric", {"asymmetric": True})):
-        model = tiny_llama()
-        rule = {"weight": {"format": "int3-asym", "granularity": "group:32"}, "algorithm": "gptq", "options": options}
-        gptq_module.asymmetric_target = spy
-        try:
-            lowbit.quantize(model, Recipe.from_dict({"rules": [rule]}), calib=calib)
-        finally:
-            gptq_module.asymmetric_target = original
-        errors[label] = _logit_error(model, ref, held_out)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    errors = _plain_and_asymmetric(gptq_module, "gptq", lambda w, h, c: seen.append((h.clone(), c.clone())))
     assert len(seen) == 7 * 3  # every layer of every block
     h, c = seen[0]  # q_proj of block 0: its inputs are the float model's
     torch.testing.assert_close(c, h, rtol=1e-5, atol=1e-6)
@@ -264,25 +276,8 @@ def test_asymmetric_awq_targets_the_float_model_through_shared_scales():
     float-output targets, and the model ends closer to float than plain AWQ on held-out data."""
     from lowbit.algorithms import awq as awq_module
 
-    calib, held_out = batches(128, 4), batches(128, 3, seed=9)
-    ref = tiny_llama()
     targets = []
-    original = awq_module.asymmetric_target
-
-    def spy(weight, hessian, cross, damp):
-        targets.append(weight.shape)
-        return original(weight, hessian, cross, damp)
-
-    errors = {}
-    for label, options in (("plain", {}), ("asymmetric", {"asymmetric": True})):
-        model = tiny_llama()
-        rule = {"weight": {"format": "int3-asym", "granularity": "group:32"}, "algorithm": "awq", "options": options}
-        awq_module.asymmetric_target = spy
-        try:
-            lowbit.quantize(model, Recipe.from_dict({"rules": [rule]}), calib=calib)
-        finally:
-            awq_module.asymmetric_target = original
-        errors[label] = _logit_error(model, ref, held_out)
+    errors = _plain_and_asymmetric(awq_module, "awq", lambda w, h, c: targets.append(w.shape))
     # every layer once, plus q/k/v and gate/up again for their shared scale search
     assert len(targets) == 3 * (7 + 5), len(targets)
     assert errors["asymmetric"] < errors["plain"], errors
