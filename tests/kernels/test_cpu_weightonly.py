@@ -182,7 +182,7 @@ def test_torch_compile_traces_the_native_ops():
     torch.manual_seed(0)
     model = nn.Sequential(
         _module(Int(4, symmetric=False), PerGroup(32), "float16", 64, 96, bias=True, smooth=True),
-        nn.GELU(),
+        nn.ReLU(),  # exact in both (inductor's GELU may differ from eager's by an ulp, flipping a rounding)
         _module(NormalFloat(4), PerGroup(32), "float16", 40, 64, bias=False, smooth=False),
         nn.ReLU(),
         _module(Codebook(16, 4, iters=2), PerTensor(), "float32", 8, 40, bias=True, smooth=False),

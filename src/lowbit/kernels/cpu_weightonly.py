@@ -24,11 +24,13 @@ from . import native_available, prepacked, register_kernel
 from .build import cpu_flags
 from .weightonly_pack import (
     ROWS,
+    BlockPlan,
     block_bits,
     dense_params,
     group_size,
     on_huge_pages,
     pack_blocks,
+    pack_nibbles,
     pack_params,
     plan_for,
 )
@@ -143,7 +145,7 @@ def _build_blocks(module: nn.Module) -> Blocks:
         zeros = pack_params(whole.to(torch.int16) - plan.offset, n, groups, torch.int16).to(zdtype)
     table = None if plan.table is None else torch.tensor(plan.table, dtype=torch.int16)
     return Blocks(
-        on_huge_pages(pack_blocks(qt.codes().reshape(n, k), plan.bits, plan.offset)),
+        on_huge_pages(pack_codes(qt.codes().reshape(n, k), plan)),
         scales,
         zeros,
         table,
@@ -155,6 +157,14 @@ def _build_blocks(module: nn.Module) -> Blocks:
         2.0**-plan.exp,
         zero_frac,
     )
+
+
+def pack_codes(codes: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """The kernel's code blocks: nibble bytes for 4-bit integer codes (the vpdpbusd kernel),
+    int16-pair blocks for every other plan."""
+    if plan.bits == 4 and plan.table is None:
+        return pack_nibbles(codes)
+    return pack_blocks(codes, plan.bits, plan.offset)
 
 
 def _fraction_correction(x2: torch.Tensor, smooth: torch.Tensor | None, p: Blocks) -> torch.Tensor:

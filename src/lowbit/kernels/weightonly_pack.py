@@ -3,7 +3,8 @@
 A ``BlockPlan`` says how a module's format maps onto the kernel's 64-byte blocks (block bits,
 level table or integer codes, zero point); ``pack_blocks`` arranges the codes so that one
 block holds 16 output rows (one per 32-bit lane) times ``span`` inputs, ordered so the kernel
-widens them to int16 (input 2s, input 2s+1) pairs with a shift and a mask.
+widens them to int16 (input 2s, input 2s+1) pairs with a shift and a mask. 4-bit integer codes
+use ``pack_nibbles`` instead: bytes that vpdpbusd multiplies four inputs at a time.
 """
 
 from __future__ import annotations
@@ -131,6 +132,19 @@ def pack_blocks(codes: torch.Tensor, bits: int, offset: int = 0) -> torch.Tensor
             lanes = torch.stack([words & 0xFF, words >> 8], dim=-1)
         out[b0:b1] = lanes.to(torch.uint8).reshape(b1 - b0, kb, 64)
     return out
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit integer codes [N, K] (uint8, 0..15) -> blocks [ceil(N/16), ceil(K/8), 64]: byte j of
+    row r's 32-bit lane holds input k0+j in its low nibble and input k0+4+j in its high nibble, so
+    one mask (or shift and mask) yields the unsigned bytes of four consecutive inputs per row."""
+    n, k = codes.shape
+    nb, kb = math.ceil(n / ROWS), math.ceil(k / 8)
+    c = torch.zeros(nb * ROWS, kb * 8, dtype=torch.uint8)
+    c[:n, :k] = codes
+    c = c.view(nb, ROWS, kb, 2, 4)  # [block, row, k-block, nibble, byte]
+    lanes = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # [block, row, k-block, byte]
+    return lanes.permute(0, 2, 1, 3).contiguous().view(nb, kb, 64)
 
 
 def dense_params(params: torch.Tensor, n: int, groups: int) -> torch.Tensor:
