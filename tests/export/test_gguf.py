@@ -1,5 +1,6 @@
-"""GGUF export: ggml block packing against gguf.quants' decoder, a tiny Llama exported and read
-back (exact where the grid is ggml's), llama.cpp itself on the file, errors and the CLI."""
+"""GGUF export: ggml block packing against gguf.quants' decoder, a tiny Llama, Mistral and Qwen2
+exported and read back (exact where the grid is ggml's), llama.cpp itself on the files (logits and
+tokenization), errors and the CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 
 import lowbit
 from lowbit.errors import CheckpointError, SpecError, UnsupportedError
-from lowbit.export import ggml_blocks
+from lowbit.export import ggml_blocks, gguf_meta
 from lowbit.export import gguf as gguf_export
 from lowbit.export.gguf_tensors import rope_order
 from lowbit.formats import Binary, Int, Log2, NormalFloat, Ternary
@@ -95,14 +96,34 @@ def test_rope_order_matches_llama_cpp_permutation():
 
 
 # -- a tiny Llama with a byte-level BPE tokenizer, quantized and saved by lowbit --------------------
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# the Split regexes of Qwen2's, Llama 3's and Mistral Nemo's (tekken) tokenizer.json, as those files write them
+SPLITS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "tekken": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def _tokenizer(split: str | None = None):
+    """A byte-level BPE tokenizer trained here: GPT-2's regex, or ``split`` (a key of SPLITS) first."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLITS[split]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
-    text = ["the quick brown fox jumps over the lazy dog. 0123456789"] * 20
+    text = ["the quick brown fox jumps over the lazy dog. 0123456789", "It's 10:45,  The FoxJumps!\n\n  ok"] * 20
     trainer = trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
@@ -123,6 +144,7 @@ def _model(seed=0, bias=False):
         num_key_value_heads=2,
         max_position_embeddings=128,
         rope_theta=10000.0,
+        initializer_range=0.1,  # attention (hence the q/k rope row order) shows in the logits
         tie_word_embeddings=True,
         attention_bias=bias,
         mlp_bias=bias,
@@ -140,11 +162,11 @@ def _calib(n=4):
     return [{"input_ids": torch.randint(0, 300, (1, 32), generator=g)} for _ in range(n)]
 
 
-def _checkpoint(tmp_path, recipe, name="ck", bias=False):
-    model = _model(bias=bias)
+def _checkpoint(tmp_path, recipe, name="ck", bias=False, model=None, split=None):
+    model = _model(bias=bias) if model is None else model
     calib = _calib() if recipe.needs_calibration else None
     lowbit.quantize(model, recipe, calib)
-    return lowbit.save(model, tmp_path / name, tokenizer=_tokenizer()), model
+    return lowbit.save(model, tmp_path / name, tokenizer=_tokenizer(split)), model
 
 
 @pytest.fixture(scope="module")
@@ -283,18 +305,27 @@ def _llama_without_amx(llama_cpp, monkeypatch, *args, **kwargs):
     return llama_cpp.Llama(*args, **kwargs)
 
 
-def test_llama_cpp_runs_the_export(q4_export, monkeypatch):
+def _llama_cpp_logits(monkeypatch, path, model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of llama.cpp on the GGUF file and of the lowbit model, for the same 8 tokens."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    _, out, _, model = q4_export
-    llm = _llama_without_amx(llama_cpp, monkeypatch, str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm = _llama_without_amx(llama_cpp, monkeypatch, str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     ids = [5, 17, 42, 99, 180, 250, 7, 64]
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0]
+    return got, want
+
+
+def _assert_close_logits(got: torch.Tensor, want: torch.Tensor) -> None:
     # llama.cpp quantizes activations to 8 bits for Q4_0 dot products: close, not equal
     assert torch.allclose(got, want, atol=0.05 * float(want.abs().max()))
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_llama_cpp_runs_the_export(q4_export, monkeypatch):
+    _, out, _, model = q4_export
+    _assert_close_logits(*_llama_cpp_logits(monkeypatch, out, model))
 
 
 def test_cli_export_options(q4_export, tmp_path, capsys):
@@ -310,3 +341,126 @@ def test_cli_export_options(q4_export, tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["export", str(q4_export[0]), "-f", "gguf", "-o", str(tmp_path / "o.gguf"), "--option", "float_type=f32"])
     assert done.value.code in (0, None) and (tmp_path / "o.gguf").exists()
+
+
+# -- Mistral (llama.cpp's llama graph: own head_dim, sliding window) and Qwen2 (its qwen2 graph) ----
+def _arch_model(model_type: str, tied: bool):
+    """A tiny random Mistral (head_dim 32, not 64 / 4 heads; a 64-token sliding window) or Qwen2 (random
+    q/k/v biases). Weights drawn with std 0.1, not 0.02: then attention, hence rope, shows in the logits
+    (a wrong q/k row order moves them by ~30% of their range instead of ~1.5%)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    sizes.update(num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=tied)
+    if model_type == "mistral":
+        return MistralForCausalLM(MistralConfig(**sizes, head_dim=32, sliding_window=64)).eval()
+    model = Qwen2ForCausalLM(Qwen2Config(**sizes)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
+
+
+ARCH_CASES = {  # case -> (model_type, tied embeddings, tokenizer split)
+    "mistral": ("mistral", False, "tekken"),
+    "qwen2": ("qwen2", False, "qwen2"),
+    "qwen2-tied": ("qwen2", True, "qwen2"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCH_CASES))
+def arch_export(request, tmp_path_factory):
+    model_type, tied, split = ARCH_CASES[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = _arch_model(model_type, tied)
+    ck, model = _checkpoint(tmp, _recipe(Int(4), PerGroup(32)), model=model, split=split)
+    out = tmp / f"{request.param}.gguf"
+    return model_type, out, gguf_export.export(ck, out, float_type="f32"), model
+
+
+def test_mistral_and_qwen2_read_back_exactly(arch_export):
+    model_type, out, report, model = arch_export
+    tied = model.config.tie_word_embeddings
+    floats = 5 + (1 if tied else 2) + (6 if model_type == "qwen2" else 0)  # norms, embedding (+ head), q/k/v biases
+    assert report["tensor_types"] == {"Q4_0": 14, "F32": floats}
+    assert report["exact"] == 14 and not report["rounded"] and not report["requantized"]
+    back = gguf_export.read_back(out)
+    assert ("output.weight" in back) == (not tied)
+    dim = gguf_meta.head_dim(model.config)
+    for i in range(2):
+        attn = model.model.layers[i].self_attn
+        q, k = attn.q_proj.qweight.dequantize(), attn.k_proj.qweight.dequantize()
+        if model_type == "mistral":  # llama graph: rope pairs rows; qwen2 graph (NEOX rope) takes HF's order
+            q, k = q[rope_order(4 * dim, 4)], k[rope_order(2 * dim, 2)]
+        assert np.array_equal(back[f"blk.{i}.attn_q.weight"], q.numpy())
+        assert np.array_equal(back[f"blk.{i}.attn_k.weight"], k.numpy())
+        for name in ("q", "k", "v"):
+            bias = getattr(attn, f"{name}_proj").bias
+            assert (f"blk.{i}.attn_{name}.bias" in back) == (bias is not None)
+            if bias is not None:
+                assert np.array_equal(back[f"blk.{i}.attn_{name}.bias"], bias.detach().numpy())
+    if not tied:
+        assert np.array_equal(back["output.weight"], model.lm_head.weight.detach().numpy())
+
+
+def test_mistral_and_qwen2_metadata(arch_export):
+    from gguf import GGUFReader
+
+    model_type, out, report, _ = arch_export
+    fields = GGUFReader(out).fields
+    arch = "llama" if model_type == "mistral" else "qwen2"
+    value = lambda key: fields[key].contents()  # noqa: E731
+    assert value("general.architecture") == arch == report["architecture"]
+    assert value(f"{arch}.block_count") == 2 and value(f"{arch}.attention.head_count_kv") == 2
+    if model_type == "mistral":  # llama.cpp's llama graph has no sliding window: claim only the window
+        assert value("llama.context_length") == 64 == report["context_length"]
+        assert report["context_length_limited_to_sliding_window"]
+        assert value("llama.rope.dimension_count") == 32 and value("llama.attention.key_length") == 32
+        assert value("tokenizer.ggml.pre") == "tekken"
+    else:
+        assert value("qwen2.context_length") == 128 == report["context_length"]
+        assert not report["context_length_limited_to_sliding_window"]
+        assert value("qwen2.rope.dimension_count") == 16 and "qwen2.attention.key_length" not in fields
+        assert value("tokenizer.ggml.pre") == "qwen2"
+
+
+def test_llama_cpp_runs_mistral_and_qwen2(arch_export, monkeypatch):
+    _, out, _, model = arch_export
+    _assert_close_logits(*_llama_cpp_logits(monkeypatch, out, model))
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+def test_llama_cpp_tokenizes_as_the_tokenizer_does(tmp_path, monkeypatch, split):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ck, _ = _checkpoint(tmp_path, _recipe(Int(8), PerChannel()), split=split)
+    report = gguf_export.export(ck, tmp_path / "m.gguf")
+    assert report["tokenizer"].endswith(f"pre-tokenizer {split}")
+    llm = _llama_without_amx(llama_cpp, monkeypatch, str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    hf = _tokenizer(split)
+    for text in ["It's 10:45,  The FoxJumps!\n\n  ok", "the LAZY dog's 2024 fox\n over\r\n\n   jumps.", "x  1234567"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text, add_special_tokens=False)
+
+
+def test_sliding_window_limits_the_context_only_where_a_layer_uses_it():
+    from transformers import MistralConfig, Qwen2Config
+
+    sizes = dict(num_hidden_layers=2, max_position_embeddings=128)
+    assert gguf_meta.context_length(MistralConfig(**sizes, sliding_window=64)) == (64, True)
+    assert gguf_meta.context_length(MistralConfig(**sizes, sliding_window=4096)) == (128, False)
+    assert gguf_meta.context_length(MistralConfig(**sizes, sliding_window=None)) == (128, False)
+    qwen2 = dict(sizes, sliding_window=64, use_sliding_window=True)
+    assert gguf_meta.context_length(Qwen2Config(**qwen2, max_window_layers=1)) == (64, True)
+    assert gguf_meta.context_length(Qwen2Config(**qwen2, max_window_layers=2)) == (128, False)  # no sliding layer
+    assert gguf_meta.context_length(Qwen2Config(**dict(qwen2, use_sliding_window=False))) == (128, False)
+
+
+def test_other_causal_lms_are_refused_with_the_alternatives():
+    from transformers import LlamaConfig, Qwen3Config
+
+    with pytest.raises(UnsupportedError, match=r"'qwen3'.*--format onnx or --format hf") as refused:
+        gguf_meta.check_config(Qwen3Config(), "ck")
+    assert all(name in str(refused.value) for name in ("'llama'", "'mistral'", "'qwen2'"))
+    with pytest.raises(UnsupportedError, match="gelu"):
+        gguf_meta.check_config(LlamaConfig(hidden_act="gelu"), "ck")

@@ -1,4 +1,5 @@
-"""`lowbit export --format gguf`: a quantized Llama checkpoint as a GGUF file llama.cpp runs.
+"""`lowbit export --format gguf`: a quantized Llama, Mistral or Qwen2 checkpoint as a GGUF file
+llama.cpp runs (Llama and Mistral as its ``llama`` architecture, Qwen2 as ``qwen2``).
 
 Weights whose lowbit grid is a ggml type are written from lowbit's own integers and scales
 (no re-quantization; see ggml_blocks for the mapping). The others are written as ``fallback``
@@ -22,7 +23,7 @@ from ..errors import CheckpointError, SpecError, UnsupportedError
 from ..io import atomic_path
 from . import ggml_blocks, gguf_meta
 from .ggml_blocks import Encoded
-from .gguf_tensors import Weight, llama_tensors
+from .gguf_tensors import Weight, model_tensors
 
 OPTIONS = {
     "fallback": ("f16", ggml_blocks.REQUANT_TARGETS),  # weights with no exact ggml grid
@@ -77,7 +78,7 @@ def _deviation(enc: Encoded, weight: Weight) -> float:
 
 
 def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
-    """Write the lowbit checkpoint ``source`` (a Llama causal LM) to the GGUF file ``out``.
+    """Write the lowbit checkpoint ``source`` (a Llama, Mistral or Qwen2 causal LM) to the GGUF file ``out``.
 
     Options: ``fallback`` (f16 | f32 | q8_0 | q6_k | q4_k) for weights without an exact ggml
     grid; ``float_type`` (f16 | f32 | bf16) for matrices lowbit kept in float."""
@@ -90,20 +91,21 @@ def export(source: Path, out: Path, **options: Any) -> dict[str, Any]:
     config = getattr(model, "config", None)
     if config is None or not type(model).__name__.endswith("ForCausalLM"):
         raise UnsupportedError(
-            f"{source}: GGUF export takes a Llama-architecture causal LM checkpoint, not a "
+            f"{source}: GGUF export takes a causal LM checkpoint (Llama, Mistral or Qwen2), not a "
             f"{type(model).__name__}; export it with --format onnx or --format hf instead"
         )
-    gguf_meta.check_llama(config, str(source))
-    tensors, folded = llama_tensors(model)
+    arch = gguf_meta.check_config(config, str(source))
+    tensors, folded = model_tensors(model, arch)
     encoded = {name: _encode(name, weight, opts) for name, weight in tensors.items()}
     report = _report(tensors, encoded)
+    report["architecture"] = arch.name
     report["folded_input_divisors"] = folded
     report["activations_ignored"] = sorted(
         name for name, m in model.named_modules() if getattr(getattr(m, "activation", None), "mode", "none") != "none"
     )
     with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        gguf_meta.add_hparams(writer, config, source.name)
+        writer = gguf.GGUFWriter(tmp, arch.name)
+        report.update(gguf_meta.add_hparams(writer, config, source.name))
         writer.add_file_type(_FILE_TYPES.get(report["main_type"], gguf.LlamaFileType.GUESSED))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report["tokenizer"] = gguf_meta.add_tokenizer(writer, source, int(config.vocab_size))

@@ -1,9 +1,11 @@
-"""GGUF metadata for a Llama-architecture model: hyper-parameters from its Hugging Face config,
-the GPT-2-style BPE vocabulary from ``tokenizer.json`` (what llama.cpp needs to load it)."""
+"""GGUF metadata for the causal LMs llama.cpp runs as its ``llama`` graph (Llama, Mistral) or its
+``qwen2`` graph (Qwen2): which graph a Hugging Face ``model_type`` maps to, hyper-parameters from its
+config, the GPT-2-style BPE vocabulary from ``tokenizer.json`` (what llama.cpp needs to load it)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +13,46 @@ import gguf
 
 from ..errors import CheckpointError, UnsupportedError
 
-LLAMA_TYPES = ("llama",)
+
+@dataclass(frozen=True)
+class Arch:
+    """How one Hugging Face ``model_type`` is written: llama.cpp's graph for it, and whether q/k rows
+    are permuted (llama.cpp's ``llama`` rope rotates adjacent pairs; ``qwen2`` rotates halves, as HF)."""
+
+    graph: gguf.MODEL_ARCH
+    permute_qk: bool
+
+    @property
+    def name(self) -> str:
+        """llama.cpp's name for the graph: ``general.architecture`` and the prefix of its keys."""
+        return gguf.MODEL_ARCH_NAMES[self.graph]
 
 
-def check_llama(config: Any, where: str) -> None:
-    """Refuse configs llama.cpp's ``llama`` architecture would run differently."""
+# llama.cpp's convert_hf_to_gguf.py runs Mistral as llama and Qwen2 as qwen2 (NEOX rope, q/k/v biases)
+ARCHS = {
+    "llama": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "mistral": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "qwen2": Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+}
+
+
+def check_config(config: Any, where: str) -> Arch:
+    """The llama.cpp graph for ``config``; refuses configs that graph would run differently."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in LLAMA_TYPES:
+    if model_type not in ARCHS:
         raise UnsupportedError(
-            f"{where}: GGUF export handles Llama-architecture causal LMs (model_type 'llama', e.g. SmolLM2); "
-            f"this checkpoint is {model_type!r}. Export it with --format onnx or --format hf instead"
+            f"{where}: GGUF export handles the causal LMs llama.cpp runs as llama or qwen2 (model_type "
+            f"{', '.join(repr(t) for t in ARCHS)}: Llama/SmolLM2, Mistral, Qwen2/Qwen2.5); this checkpoint is "
+            f"{model_type!r}. Export it with --format onnx or --format hf instead"
         )
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
-        raise UnsupportedError(f"{where}: hidden_act={act!r}; llama.cpp's llama graph uses silu")
+        raise UnsupportedError(f"{where}: hidden_act={act!r}; llama.cpp's {ARCHS[model_type].name} graph uses silu")
     rope = _rope(config)
     kind = rope.get("rope_type", rope.get("type", "default")) or "default"
     if kind not in ("default", "linear"):
         raise UnsupportedError(f"{where}: rope scaling {kind!r} is not exported; only default and linear are")
+    return ARCHS[model_type]
 
 
 def _rope(config: Any) -> dict[str, Any]:
@@ -37,14 +61,37 @@ def _rope(config: Any) -> dict[str, Any]:
 
 
 def head_dim(config: Any) -> int:
+    """Width of one attention head: ``config.head_dim`` where set (Mistral Nemo: not hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def add_hparams(writer: gguf.GGUFWriter, config: Any, name: str) -> None:
-    """llama.* keys: sizes, heads, rope, norm epsilon."""
+def sliding_window(config: Any) -> int | None:
+    """The attention window transformers applies to at least one layer (Mistral, Qwen2 with
+    ``use_sliding_window``), or None where every layer attends to the whole context."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def context_length(config: Any) -> tuple[int, bool]:
+    """The context length to write and whether a sliding window cut it: llama.cpp's llama and qwen2
+    graphs attend to everything, so they agree with transformers only within the window."""
+    longest = int(config.max_position_embeddings)
+    window = sliding_window(config)
+    if window is not None and window < longest:
+        return window, True
+    return longest, False
+
+
+def add_hparams(writer: gguf.GGUFWriter, config: Any, name: str) -> dict[str, Any]:
+    """{arch}.* keys (the writer's architecture): sizes, heads, rope, norm epsilon. Returns the
+    context length written and whether a sliding window limited it, for the report."""
     rope = _rope(config)
+    context, limited = context_length(config)
     writer.add_name(name)
-    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_context_length(context)
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
     writer.add_feed_forward_length(int(config.intermediate_size))
@@ -61,11 +108,27 @@ def add_hparams(writer: gguf.GGUFWriter, config: Any, name: str) -> None:
         writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
+    return {"context_length": context, "context_length_limited_to_sliding_window": limited}
+
+
+_CONTRACTIONS_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_CASED_WORDS = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+)
+# tokenizer.json Split regexes (then ByteLevel without its own regex) -> llama.cpp's pre-tokenizer of
+# the same split; llama-vocab.cpp quotes each original beside the rewrite it runs
+_SPLIT_REGEXES = {
+    _CONTRACTIONS_WORDS + r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    _CONTRACTIONS_WORDS + r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    _CASED_WORDS + r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "tekken",
+}
 
 
 def _pre_tokenizer(spec: dict[str, Any] | None) -> str:
     """llama.cpp's name for the pre-tokenizer: 'gpt-2' for a plain byte-level regex split,
-    'smollm' when digits are split one by one first (SmolLM's original tokenizer)."""
+    'smollm' when digits are split one by one first (SmolLM's original tokenizer), 'qwen2' /
+    'llama-bpe' / 'tekken' for Qwen2's / Llama 3's / Mistral Nemo's regex split, else 'default'."""
     if not spec:
         return "default"
     if spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
@@ -74,6 +137,10 @@ def _pre_tokenizer(spec: dict[str, Any] | None) -> str:
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex")) for p in parts]
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
         return "smollm"
+    if kinds == [("Split", None, None), ("ByteLevel", None, False)]:
+        split = parts[0]
+        if split.get("behavior") == "Isolated" and not split.get("invert"):
+            return _SPLIT_REGEXES.get((split.get("pattern") or {}).get("Regex"), "default")
     return "default"
 
 

@@ -1,7 +1,8 @@
-"""The tensors of a quantized Llama model in llama.cpp's naming and layout: each weight keeps
-its lowbit grid where ggml has the same one (see ggml_blocks), q/k rows are permuted for
-llama.cpp's rope, and per-input divisors (AWQ/SmoothQuant ``input_smooth``) are folded into the
-layer that produces the input where that keeps the grid."""
+"""The tensors of a quantized Llama, Mistral or Qwen2 model in llama.cpp's naming and layout: each
+weight keeps its lowbit grid where ggml has the same one (see ggml_blocks), q/k rows are permuted
+where llama.cpp's rope pairs them differently from HF (its llama graph, not qwen2), and per-input
+divisors (AWQ/SmoothQuant ``input_smooth``) are folded into the layer that produces the input where
+that keeps the grid."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..formats import Float
 from ..nn import QModule, same_weight
 from . import ggml_blocks
 from .ggml_blocks import Grid
+from .gguf_meta import Arch
 
 
 @dataclass
@@ -93,11 +95,11 @@ def _foldable(layers: dict[str, nn.Module], config) -> dict[str, tuple[str, torc
     return out
 
 
-def llama_tensors(model: nn.Module) -> tuple[dict[str, Weight], list[str]]:
-    """GGUF name -> Weight for every tensor llama.cpp's llama graph reads, plus the layers whose
+def model_tensors(model: nn.Module, arch: Arch) -> tuple[dict[str, Weight], list[str]]:
+    """GGUF name -> Weight for every tensor llama.cpp's ``arch`` graph reads, plus the layers whose
     input divisor was folded. Refuses tensors it does not know."""
     config = model.config
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tmap = gguf.get_tensor_name_map(arch.graph, config.num_hidden_layers)
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     layers = dict(_leaves(model))
     folds = _foldable(layers, config)
@@ -120,9 +122,10 @@ def llama_tensors(model: nn.Module) -> tuple[dict[str, Weight], list[str]]:
         name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UnsupportedError(
-                f"{hf}: llama.cpp's llama graph has no tensor for it; this is not a plain Llama model"
+                f"{hf}: llama.cpp's {arch.name} graph has no tensor for it; this is not a plain "
+                f"{config.model_type} model. Export it with --format onnx or --format hf instead"
             )
-        if ".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf:
+        if arch.permute_qk and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):
             weight = weight.permute_rows(rope_order(weight.value.shape[0], heads if "q_proj" in hf else kv))
         out[name] = weight
     return out, sorted(folds)
