@@ -15,9 +15,9 @@
 // per-group sums of the int16 activations are computed once per call.
 // 4-bit integer codes have their own layout and loop (gemv_nibble_block): bytes holding two codes
 // each, multiplied four inputs at a time by vpdpbusd against int16 activations (|q| <= 32639)
-// split into two signed bytes (q = 256 hi + lo): per 128 weights 3 decode ops and 4 vpdpbusd instead of 7 and 8
-// vpdpwssd (4096 x 4096 w4-g128 GEMV, L3-resident, 2 threads on a Xeon with AMX: 0.19 -> 0.17 ms
-// in a standalone loop).
+// split into two signed bytes (q = 256 hi + lo): per 128 weights 3 decode ops and 4 vpdpbusd
+// instead of 7 and 8 vpdpwssd. 4096 x 4096 w4-g128 GEMV, 2 threads, Xeon with AMX under KVM, old
+// and new builds alternating: L3-resident 0.24-0.26 -> 0.22-0.23 ms, from DRAM 0.44-0.46 -> 0.39-0.42 ms.
 // Activations get one int16 scale per token and segment of `seg` inputs (a divisor of the
 // weight group, short enough that the int32 partial sums cannot overflow); partial sums are
 // scaled into fp32 per segment. Large M dequantizes to bf16 and calls at::matmul.
@@ -282,17 +282,34 @@ void gemv(const Packed& w, const QuantAct& a, float out_mul, const float* bias, 
   });
 }
 
+// One token's dot products over the nibble blocks [c0, c1) of a row block: 256 (hi . codes) +
+// (lo . codes) per row, from four independent vpdpbusd chains. A function of its own, not inlined:
+// inside the tile loop GCC copied the accumulators between registers on every block.
+__attribute__((noinline)) __m512i nibble_segment(const uint8_t* cp, const int32_t* l, const int32_t* h, int64_t c0,
+                                                 int64_t c1) {
+  const __m512i m4 = _mm512_set1_epi8(15);
+  __m512i l0 = _mm512_setzero_si512(), l1 = l0, h0 = l0, h1 = l0;
+  for (int64_t kb = c0; kb < c1; ++kb) {
+    const uint8_t* bp = cp + kb * 64;
+    _mm_prefetch(reinterpret_cast<const char*>(bp) + kPrefetchBytes, _MM_HINT_T1);
+    const __m512i v = _mm512_loadu_si512(bp);
+    const __m512i w0 = _mm512_and_si512(v, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    l0 = _mm512_dpbusd_epi32(l0, w0, _mm512_set1_epi32(l[2 * kb]));
+    h0 = _mm512_dpbusd_epi32(h0, w0, _mm512_set1_epi32(h[2 * kb]));
+    l1 = _mm512_dpbusd_epi32(l1, w1, _mm512_set1_epi32(l[2 * kb + 1]));
+    h1 = _mm512_dpbusd_epi32(h1, w1, _mm512_set1_epi32(h[2 * kb + 1]));
+  }
+  return _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+}
+
 // y[m, n0:n0+16] for MT tokens and row block nb of nibble-byte codes (see the header): per 64-byte
 // block, the low and high nibbles are the unsigned bytes of inputs k0..k0+3 and k0+4..k0+7 of 16
 // rows; vpdpbusd multiplies them by four signed activation bytes, the low (lo) and high (hi) bytes
-// in separate accumulators, joined per segment as 256 hi + lo. One token gets two accumulator sets
-// (four independent chains) to hide the vpdpbusd latency.
+// in separate accumulators, joined per segment as 256 hi + lo.
 template <int MT>
 void gemv_nibble_block(const Packed& w, int64_t nb, const int8_t* xlo, const int8_t* xhi, int64_t Kp,
                        const int32_t* gsum, const float* xs, int64_t S, float out_mul, const float* bias, float* y,
                        int64_t N) {
-  constexpr int NA = MT == 1 ? 2 : 1;
-  __m512i lo[MT][NA], hi[MT][NA];
   __m512 facc[MT];
   for (int m = 0; m < MT; ++m) facc[m] = _mm512_setzero_ps();
   const uint8_t* cp = w.codes + nb * w.KB * 64;
@@ -306,44 +323,33 @@ void gemv_nibble_block(const Packed& w, int64_t nb, const int8_t* xlo, const int
     const __m512i zv = load_zero(w, pidx);
     for (int64_t c0 = kb0; c0 < kb1; c0 += seg_kb) {
       const int64_t c1 = std::min(kb1, c0 + seg_kb), si = c0 / seg_kb;
-      for (int m = 0; m < MT; ++m)
-        for (int a = 0; a < NA; ++a) lo[m][a] = hi[m][a] = _mm512_setzero_si512();
-      if constexpr (MT == 1) {  // named accumulators: GCC shuffles array ones between registers
-        __m512i l0 = lo[0][0], l1 = l0, h0 = l0, h1 = l0;
-        const int32_t* l = reinterpret_cast<const int32_t*>(xlo);
-        const int32_t* h = reinterpret_cast<const int32_t*>(xhi);
+      __m512i acc[MT];
+      if constexpr (MT == 1) {
+        acc[0] = nibble_segment(cp, reinterpret_cast<const int32_t*>(xlo), reinterpret_cast<const int32_t*>(xhi),
+                                c0, c1);
+      } else {  // several tokens share each decoded block: one lo and one hi chain per token
+        __m512i lo[MT], hi[MT];
+        for (int m = 0; m < MT; ++m) lo[m] = hi[m] = _mm512_setzero_si512();
         for (int64_t kb = c0; kb < c1; ++kb) {
           const uint8_t* bp = cp + kb * 64;
-          _mm_prefetch(reinterpret_cast<const char*>(bp) + kPrefetchBytes, _MM_HINT_T1);
+          if constexpr (MT <= 4) _mm_prefetch(reinterpret_cast<const char*>(bp) + kPrefetchBytes, _MM_HINT_T1);
           const __m512i v = _mm512_loadu_si512(bp);
           const __m512i w0 = _mm512_and_si512(v, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-          l0 = _mm512_dpbusd_epi32(l0, w0, _mm512_set1_epi32(l[2 * kb]));
-          h0 = _mm512_dpbusd_epi32(h0, w0, _mm512_set1_epi32(h[2 * kb]));
-          l1 = _mm512_dpbusd_epi32(l1, w1, _mm512_set1_epi32(l[2 * kb + 1]));
-          h1 = _mm512_dpbusd_epi32(h1, w1, _mm512_set1_epi32(h[2 * kb + 1]));
+          for (int m = 0; m < MT; ++m) {
+            const int32_t* l = reinterpret_cast<const int32_t*>(xlo + m * Kp + kb * 8);
+            const int32_t* h = reinterpret_cast<const int32_t*>(xhi + m * Kp + kb * 8);
+            lo[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(lo[m], w0, _mm512_set1_epi32(l[0])), w1,
+                                        _mm512_set1_epi32(l[1]));
+            hi[m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(hi[m], w0, _mm512_set1_epi32(h[0])), w1,
+                                        _mm512_set1_epi32(h[1]));
+          }
         }
-        lo[0][0] = l0, lo[0][NA - 1] = l1, hi[0][0] = h0, hi[0][NA - 1] = h1;
-      } else
-      for (int64_t kb = c0; kb < c1; ++kb) {
-        const uint8_t* bp = cp + kb * 64;
-        if constexpr (MT <= 4) _mm_prefetch(reinterpret_cast<const char*>(bp) + kPrefetchBytes, _MM_HINT_T1);
-        const __m512i v = _mm512_loadu_si512(bp);
-        const __m512i w0 = _mm512_and_si512(v, m4), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        for (int m = 0; m < MT; ++m) {
-          const int32_t* l = reinterpret_cast<const int32_t*>(xlo + m * Kp + kb * 8);
-          const int32_t* h = reinterpret_cast<const int32_t*>(xhi + m * Kp + kb * 8);
-          lo[m][0] = _mm512_dpbusd_epi32(lo[m][0], w0, _mm512_set1_epi32(l[0]));
-          hi[m][0] = _mm512_dpbusd_epi32(hi[m][0], w0, _mm512_set1_epi32(h[0]));
-          lo[m][NA - 1] = _mm512_dpbusd_epi32(lo[m][NA - 1], w1, _mm512_set1_epi32(l[1]));
-          hi[m][NA - 1] = _mm512_dpbusd_epi32(hi[m][NA - 1], w1, _mm512_set1_epi32(h[1]));
-        }
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_epi32(_mm512_slli_epi32(hi[m], 8), lo[m]);
       }
       for (int m = 0; m < MT; ++m) {
-        __m512i l = lo[m][0], h = hi[m][0];
-        if constexpr (NA == 2) l = _mm512_add_epi32(l, lo[m][1]), h = _mm512_add_epi32(h, hi[m][1]);
-        __m512i acc = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
-        if (has_zero) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zv, _mm512_set1_epi32(gsum[m * S + si])));
-        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sv, _mm512_set1_ps(xs[m * S + si])), facc[m]);
+        __m512i a = acc[m];
+        if (has_zero) a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zv, _mm512_set1_epi32(gsum[m * S + si])));
+        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sv, _mm512_set1_ps(xs[m * S + si])), facc[m]);
       }
     }
   }
