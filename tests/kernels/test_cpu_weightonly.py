@@ -153,6 +153,24 @@ def test_dequantize_is_exact_for_integer_codes():
         assert torch.equal(wt.t(), module.qweight.dequantize(torch.float32)), fmt.name
 
 
+def test_nibble_layout():
+    """4-bit integer codes: byte j of row r's 32-bit lane in k-block b holds input 8b+j (low nibble)
+    and 8b+4+j (high nibble); rows and inputs past the shape are zero (what the vpdpbusd loop reads)."""
+    from lowbit.kernels.weightonly_pack import pack_nibbles
+
+    n, k = 19, 21
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack_nibbles(codes)
+    assert packed.shape == (2, 3, 64)
+    padded = torch.zeros(32, 24, dtype=torch.uint8)
+    padded[:n, :k] = codes
+    for row in range(32):
+        for b in range(3):
+            for j in range(4):
+                byte = int(packed[row // 16, b, 4 * (row % 16) + j])
+                assert byte & 15 == padded[row, 8 * b + j] and byte >> 4 == padded[row, 8 * b + 4 + j]
+
+
 @native
 def test_prefill_threshold_and_gemv_agree():
     """Both paths of one op give the same answer (within bf16) at the same M."""
