@@ -137,8 +137,19 @@ class _Collector:
     reduction over batch indices (lowbit.reduction); the runner brackets every batch with
     ``begin(index)`` / ``end()`` and calls outside a bracket are not counted."""
 
-    def __init__(self, module: nn.Module, kinds: set[str], act: ActivationSpec, max_samples: int, seed: int):
+    def __init__(
+        self,
+        module: nn.Module,
+        kinds: set[str],
+        act: ActivationSpec,
+        max_samples: int,
+        seed: int,
+        shared: dict | None = None,
+    ):
         self.module, self.kinds, self.act, self.max_samples, self.seed = module, kinds, act, max_samples, seed
+        # Hessian products of the current batch by input tensor, shared by the collectors of one run
+        # (q/k/v, gate/up read the very same tensor: one product serves all)
+        self.shared = {} if shared is None else shared
         self.n_peaks = max(1, max_samples // 32)
         self.tree: TreeReducer[LayerStats] = TreeReducer(self.combine)
         self.index, self.calls = -1, 0
@@ -147,11 +158,13 @@ class _Collector:
 
     def begin(self, index: int) -> None:
         self.index, self.calls, self.current = index, 0, None
+        self.shared.clear()
 
     def end(self) -> None:
         if self.index >= 0:
             self.tree.push(self.index, self.current if self.current is not None else LayerStats())
         self.index, self.current = -1, None
+        self.shared.clear()
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.index < 0:
@@ -184,15 +197,30 @@ class _Collector:
             stats.pool = rows[torch.randperm(rows.shape[0], generator=gen)[: self.max_samples]]
             stats.peaks = _top_rows(rows, self.n_peaks)
         if "hessian" in self.kinds:
-            h_rows = _hessian_rows(module, x).double()
-            stats.hessian_sum, stats.hessian_rows = h_rows.T @ h_rows, h_rows.shape[0]
-            if "cross" in self.kinds and self.reference is not None:
-                reference = self.reference[self.calls].detach().float()
-                if reference.shape != x.shape:
-                    raise DataError(f"float-model input {tuple(reference.shape)} differs from {tuple(x.shape)}")
-                stats.cross_sum = _hessian_rows(module, reference).double().T @ h_rows
+            stats.hessian_sum, stats.hessian_rows, stats.cross_sum = self.products(module, x)
         stats.rows_seen = rows.shape[0]
         return stats
+
+    def products(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """X^T X over this call's Hessian rows (and X_float^T X with the float model's input, for
+        "cross"), as float32 products returned in float64 (the batches are summed in float64).
+        Layers reading the very same input tensor in one batch share one computation."""
+        reference = None
+        if "cross" in self.kinds and self.reference is not None:
+            reference = self.reference[self.calls].detach().float()
+            if reference.shape != x.shape:
+                raise DataError(f"float-model input {tuple(reference.shape)} differs from {tuple(x.shape)}")
+        key = None
+        if not isinstance(module, nn.Conv2d):  # a linear's rows are its input's: the input alone decides them
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), None if reference is None else reference.data_ptr())
+            if key in self.shared:
+                return self.shared[key][-1]
+        h_rows = _hessian_rows(module, x)
+        cross = None if reference is None else (_hessian_rows(module, reference).T @ h_rows).double()
+        result = ((h_rows.T @ h_rows).double(), h_rows.shape[0], cross)
+        if key is not None:
+            self.shared[key] = (x, reference, result)  # holding the tensors keeps their storage from reuse
+        return result
 
     def combine(self, a: LayerStats, b: LayerStats, node: tuple[int, int]) -> LayerStats:
         """The statistics of ``a``'s rows followed by ``b``'s. Sums, extremes and the peak rows
@@ -239,11 +267,12 @@ def collect_statistics(
         raise DataError("calibration data is empty; give at least one batch")
     collectors: dict[str, _Collector] = {}
     handles = []
+    shared: dict = {}
     for index, (name, kinds) in enumerate(needs.items()):
         if not kinds:
             continue
         module = model.get_submodule(name)
-        collector = _Collector(module, kinds, plan[name].activation, max_samples, seed + index)
+        collector = _Collector(module, kinds, plan[name].activation, max_samples, seed + index, shared)
         collectors[name] = collector
         handles.append(module.register_forward_pre_hook(collector))
     if not collectors:

@@ -58,8 +58,13 @@ def _detach(value: Any) -> Any:
     return value
 
 
+class _Captured(Exception):
+    """Raised by _Recorder once block 0's inputs are recorded: the rest of the forward is not needed."""
+
+
 class _Recorder(nn.Module):
-    """Stands in for the block list during capture: records block 0's inputs, runs block 0."""
+    """Stands in for the block list during capture: records block 0's inputs, then ends the
+    forward (the model's head alone can cost more than a block: SmolLM2's is six blocks' worth)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -68,7 +73,7 @@ class _Recorder(nn.Module):
 
     def forward(self, *args, **kwargs):
         self.calls.append((_detach(args), _detach(kwargs)))
-        return self.block(*args, **kwargs)
+        raise _Captured
 
 
 @contextlib.contextmanager
@@ -95,7 +100,8 @@ def capture_inputs(model: nn.Module, blocks_name: str, batches: list[Any]) -> li
     try:
         with _no_cache(model), torch.inference_mode():
             for batch in batches:
-                forward_batch(model, batch)
+                with contextlib.suppress(_Captured):
+                    forward_batch(model, batch)
     finally:
         setattr(parent, attr, original)
     return recorder.calls
@@ -157,11 +163,12 @@ def block_statistics(
     inputs: dict[str, torch.Tensor] = {}
     norm_outputs: dict[str, torch.Tensor] = {}
     handles = []
+    shared: dict = {}  # Hessian products by input tensor, for layers that read the same one
     for name, kinds in needs.items():
         if not kinds:
             continue
         module = block.get_submodule(name[len(prefix) :])
-        collector = _Collector(module, kinds, plan[name].activation, 1024, seed)
+        collector = _Collector(module, kinds, plan[name].activation, 1024, seed, shared)
         collectors[name] = collector
 
         def first_input(module, args, name=name):
