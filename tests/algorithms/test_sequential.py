@@ -93,6 +93,48 @@ def test_capture_records_block_zero_inputs_once_per_batch():
     assert len(model.model.layers) == 3  # the block list is restored
 
 
+def test_capture_stops_before_the_rest_of_the_model():
+    """Recording block 0's inputs ends the forward: no block and not the head run during capture."""
+    model = tiny_llama()
+    ran = []
+    handles = [m.register_forward_hook(lambda *a, n=n: ran.append(n)) for n, m in model.named_modules() if n]
+    try:
+        capture_inputs(model, "model.layers", batches(128, n=2))
+    finally:
+        for h in handles:
+            h.remove()
+    assert "model.embed_tokens" in ran
+    assert not [n for n in ran if n.startswith("model.layers") or n in ("lm_head", "model.norm")]
+
+
+def test_layers_reading_one_input_share_one_hessian(monkeypatch):
+    """q/k/v read the very same tensor: one product per batch serves the three (float32 products
+    summed in float64 agree with float64 products to 1e-5)."""
+    from lowbit import calibration
+    from lowbit.sequential import block_statistics
+
+    model = tiny_llama()
+    blocks_name, blocks = find_blocks(model)
+    calib = batches(model.config.vocab_size, n=3)
+    calls = dict(enumerate(capture_inputs(model, blocks_name, calib)))
+    prefix = f"{blocks_name}.0."
+    names = [f"{prefix}self_attn.{p}_proj" for p in "qkv"]
+    rule = {"types": ["Linear"], "weight": {"format": "int4"}, "algorithm": "gptq"}
+    plan = Recipe.from_dict({"name": "g", "rules": [rule]}).resolve(model)
+    counted = []
+    rows = calibration._hessian_rows
+    monkeypatch.setattr(calibration, "_hessian_rows", lambda m, x: counted.append(1) or rows(m, x))
+    stats, _, _ = block_statistics(blocks[0], prefix, {n: {"hessian"} for n in names}, plan, calls, 3, calls[0])
+    assert len(counted) == 3  # one product per batch, not one per layer
+    q, k, v = (stats[n].hessian for n in names)
+    assert torch.equal(q, k) and torch.equal(q, v)
+    with torch.no_grad():
+        hidden = [call[0][0] if call[0] else call[1]["hidden_states"] for call in calls.values()]
+        x = torch.cat([blocks[0].input_layernorm(h).reshape(-1, 64) for h in hidden]).double()
+    want = 2 * x.T @ x / x.shape[0]
+    assert float((q - want).abs().max() / want.abs().max()) < 1e-5
+
+
 def _logit_error(model, ref, calib):
     with torch.no_grad():
         return sum(float((model(**b).logits - ref(**b).logits).pow(2).mean()) for b in calib)
