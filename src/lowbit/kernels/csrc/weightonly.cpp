@@ -184,6 +184,50 @@ inline __m512i load_zero(const Packed& w, int64_t idx) {
   return w.signed_zeros ? _mm512_cvtepi8_epi32(z) : _mm512_cvtepu8_epi32(z);
 }
 
+// One segment of MT tokens into the fp32 sums: int32 dot products minus zero point * the
+// segment's activation sum, times the weight scales and the segment's activation scale.
+template <int MT>
+inline void add_segment(__m512* facc, const __m512i* acc, __m512 sv, __m512i zv, bool has_zero, const int32_t* gsum,
+                        const float* xs, int64_t S, int64_t si) {
+  for (int m = 0; m < MT; ++m) {
+    __m512i a = acc[m];
+    if (has_zero) a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zv, _mm512_set1_epi32(gsum[m * S + si])));
+    facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sv, _mm512_set1_ps(xs[m * S + si])), facc[m]);
+  }
+}
+
+// y[m, n0:n0+16] = facc[m] * out_mul + bias for row block nb (rows past N masked off).
+template <int MT>
+inline void store_rows(const __m512* facc, int64_t nb, float out_mul, const float* bias, float* y, int64_t N) {
+  const int64_t n0 = nb * kRows;
+  const __mmask16 mask = tail_mask(N - n0);
+  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m)
+    _mm512_mask_storeu_ps(y + m * N + n0, mask, _mm512_fmadd_ps(facc[m], _mm512_set1_ps(out_mul), bv));
+}
+
+// Row blocks in parallel, tokens in tiles of up to kTile: tile.operator()<T>(nb, m0) for a tile of T
+// tokens from m0. Tasks hold at least kTaskBytes of codes, so waking a second thread pays for itself.
+template <typename Tile>
+void for_tiles(int64_t NB, int64_t M, int64_t block_bytes, const Tile& tile) {
+  const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, block_bytes));
+  at::parallel_for(0, NB, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        switch (std::min<int64_t>(kTile, M - m0)) {
+#define LOWBIT_TILE(T)                     \
+  case T:                                  \
+    tile.template operator()<T>(nb, m0); \
+    break;
+          LOWBIT_TILE(1) LOWBIT_TILE(2) LOWBIT_TILE(3) LOWBIT_TILE(4)
+          LOWBIT_TILE(5) LOWBIT_TILE(6) LOWBIT_TILE(7) LOWBIT_TILE(8)
+#undef LOWBIT_TILE
+        }
+      }
+    }
+  });
+}
+
 // y[m, n0:n0+16] for MT tokens and row block nb. Per segment of w.seg inputs (within one
 // weight group): int32 dot products, minus zero point * activation sum, times the weight
 // scales and the segment's activation scale, into fp32.
@@ -238,19 +282,15 @@ void gemv_block(const Packed& w, int64_t nb, const int16_t* xq, int64_t Kp, cons
           (block.template operator()<I * D::kPairs>(kb + I), ...);
         }(std::make_integer_sequence<int, U>{});
       for (; kb < c1; ++kb) block.template operator()<0>(kb);
+      __m512i acc[MT];
       for (int m = 0; m < MT; ++m) {
-        __m512i acc = iacc[m][0];
-        for (int a = 1; a < NA; ++a) acc = _mm512_add_epi32(acc, iacc[m][a]);
-        if (has_zero) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(zv, _mm512_set1_epi32(gsum[m * S + si])));
-        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sv, _mm512_set1_ps(xs[m * S + si])), facc[m]);
+        acc[m] = iacc[m][0];
+        for (int a = 1; a < NA; ++a) acc[m] = _mm512_add_epi32(acc[m], iacc[m][a]);
       }
+      add_segment<MT>(facc, acc, sv, zv, has_zero, gsum, xs, S, si);
     }
   }
-  const int64_t n0 = nb * kRows;
-  const __mmask16 mask = tail_mask(N - n0);
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  for (int m = 0; m < MT; ++m)
-    _mm512_mask_storeu_ps(y + m * N + n0, mask, _mm512_fmadd_ps(facc[m], _mm512_set1_ps(out_mul), bv));
+  store_rows<MT>(facc, nb, out_mul, bias, y, N);
 }
 
 template <int B, bool LUT>
@@ -259,26 +299,8 @@ void gemv(const Packed& w, const QuantAct& a, float out_mul, const float* bias, 
   const int16_t* xq = a.q.data_ptr<int16_t>();
   const int32_t* gs = a.gsum.data_ptr<int32_t>();
   const float* xs = a.scale.data_ptr<float>();
-  // Row blocks per task: enough codes that waking a second thread pays for itself.
-  const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, w.KB * Bits<B>::kBytes));
-  at::parallel_for(0, NB, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-        const int64_t mt = std::min<int64_t>(kTile, M - m0);
-        const int16_t* x = xq + m0 * Kp;
-        const int32_t* g = gs + m0 * S;
-        float* yo = y + m0 * N;
-        switch (mt) {
-#define LOWBIT_TILE(T) \
-  case T:              \
-    gemv_block<B, LUT, T>(w, nb, x, Kp, g, xs + m0 * S, S, out_mul, bias, yo, N); \
-    break;
-          LOWBIT_TILE(1) LOWBIT_TILE(2) LOWBIT_TILE(3) LOWBIT_TILE(4)
-          LOWBIT_TILE(5) LOWBIT_TILE(6) LOWBIT_TILE(7) LOWBIT_TILE(8)
-#undef LOWBIT_TILE
-        }
-      }
-    }
+  for_tiles(NB, M, w.KB * Bits<B>::kBytes, [&]<int T>(int64_t nb, int64_t m0) {
+    gemv_block<B, LUT, T>(w, nb, xq + m0 * Kp, Kp, gs + m0 * S, xs + m0 * S, S, out_mul, bias, y + m0 * N, N);
   });
 }
 
@@ -346,18 +368,10 @@ void gemv_nibble_block(const Packed& w, int64_t nb, const int8_t* xlo, const int
         }
         for (int m = 0; m < MT; ++m) acc[m] = _mm512_add_epi32(_mm512_slli_epi32(hi[m], 8), lo[m]);
       }
-      for (int m = 0; m < MT; ++m) {
-        __m512i a = acc[m];
-        if (has_zero) a = _mm512_sub_epi32(a, _mm512_mullo_epi32(zv, _mm512_set1_epi32(gsum[m * S + si])));
-        facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sv, _mm512_set1_ps(xs[m * S + si])), facc[m]);
-      }
+      add_segment<MT>(facc, acc, sv, zv, has_zero, gsum, xs, S, si);
     }
   }
-  const int64_t n0 = nb * kRows;
-  const __mmask16 mask = tail_mask(N - n0);
-  const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  for (int m = 0; m < MT; ++m)
-    _mm512_mask_storeu_ps(y + m * N + n0, mask, _mm512_fmadd_ps(facc[m], _mm512_set1_ps(out_mul), bv));
+  store_rows<MT>(facc, nb, out_mul, bias, y, N);
 }
 
 void gemv_nibble(const Packed& w, const QuantAct& a, float out_mul, const float* bias, float* y, int64_t N) {
@@ -366,22 +380,9 @@ void gemv_nibble(const Packed& w, const QuantAct& a, float out_mul, const float*
   const int8_t* hi = a.hi.data_ptr<int8_t>();
   const int32_t* gs = a.gsum.data_ptr<int32_t>();
   const float* xs = a.scale.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, w.KB * 64));
-  at::parallel_for(0, NB, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-        const int64_t o = m0 * Kp;
-        switch (std::min<int64_t>(kTile, M - m0)) {
-#define LOWBIT_TILE(T) \
-  case T:              \
-    gemv_nibble_block<T>(w, nb, lo + o, hi + o, Kp, gs + m0 * S, xs + m0 * S, S, out_mul, bias, y + m0 * N, N); \
-    break;
-          LOWBIT_TILE(1) LOWBIT_TILE(2) LOWBIT_TILE(3) LOWBIT_TILE(4)
-          LOWBIT_TILE(5) LOWBIT_TILE(6) LOWBIT_TILE(7) LOWBIT_TILE(8)
-#undef LOWBIT_TILE
-        }
-      }
-    }
+  for_tiles(NB, M, w.KB * 64, [&]<int T>(int64_t nb, int64_t m0) {
+    const int64_t o = m0 * Kp;
+    gemv_nibble_block<T>(w, nb, lo + o, hi + o, Kp, gs + m0 * S, xs + m0 * S, S, out_mul, bias, y + m0 * N, N);
   });
 }
 
