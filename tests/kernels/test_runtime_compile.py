@@ -236,6 +236,7 @@ def _compiled_and_eager(monkeypatch, model, inputs):
         return compiled, run(model), replaced
 
 
+@native
 def test_layers_reading_one_input_run_as_one_grouped_call(monkeypatch):
     """kernels.shared_input groups the five sibling layers (a triple and a pair, one call each);
     two of them have SmoothQuant divisors of their own (quantized once per divisor), which puts

@@ -9,13 +9,16 @@
 //           nibble and input j + 16 in its high nibble (two shifts give 16 codes in order).
 // Each group's products are summed in fp32 vectors, scaled by the group's scale into a running
 // vector; the zero-point term is one scalar per (token, group). Many tokens (prefill) dequantize
-// a slab of rows to fp32 at a time and call at::mm.
+// a slab of rows to fp32 at a time and call at::mm. One token with 1-4 bit codes (decode) takes the
+// integer path below (int16 activations x codes on vpmaddubsw), about 2x the fp32 decoding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <vector>
 
@@ -125,6 +128,158 @@ void gemv(const Params& p) {
   });
 }
 
+// ---- One token, codes of 1-4 bits: int16 activations x nibble codes on vpmaddubsw ----
+// The float path decodes every code to fp32 (about 14 instructions per 32 weights); here one 32-byte
+// load holds 64 codes (blocks b and b + 1), two masks give them as unsigned bytes and vpmaddubsw
+// multiplies them with the activation's bytes: the token is quantized to int16 per segment
+// (|q| <= kXMax, so q = 256 hi + lo with signed bytes hi and lo) and the two byte planes are summed
+// in int16 lanes (at most 4 steps: 4 x 2 x 2 x 15 x 128 = 30720 < 32767), widened once per segment
+// by vpmaddwd (x1 for lo, x256 for hi) and scaled in fp32 by weight scale x activation scale.
+// Each 128-bit lane holds one block, so segments of 32 (group 32) are one lane each.
+constexpr int kXMax = 32639;
+constexpr int64_t kStep = 64;  // inputs per step: two blocks
+constexpr int64_t kStepBytes = 128;
+constexpr int64_t kPrefetch = 4096;  // bytes of codes prefetched ahead (1.2-1.5x from DRAM on a Zen 3)
+
+// The int16 segment for a group size: 0 where the path does not apply (group an odd multiple of 32 above 32).
+int64_t int_segment(int64_t group, int64_t G) {
+  if (G == 1) return 256;
+  if (group == 32) return 32;
+  if (group % kStep) return 0;
+  for (int64_t s : {256, 192, 128, 64})
+    if (group % s == 0) return s;
+  return 0;
+}
+
+struct IntAct {
+  std::vector<int8_t> bytes;  // [steps, 128]
+  std::vector<float> scale;  // [S]
+  std::vector<int32_t> group_of;  // [S]: the group each segment lies in
+  std::vector<float> gsum;  // [G]: per group, the sum of the quantized token (scale x code): the zero-point
+                            // term then cancels exactly in the quantized domain (about 4 dB closer to fp32)
+};
+
+// Token x (zero padded to Kp) as step-ordered int16 byte planes with one scale per segment.
+IntAct quantize_token(const float* x, int64_t Kp, int64_t seg, int64_t group, int64_t G) {
+  const int64_t S = (Kp + seg - 1) / seg, steps = (Kp + kStep - 1) / kStep;
+  IntAct a{std::vector<int8_t>(steps * kStepBytes, 0), std::vector<float>(S), std::vector<int32_t>(S),
+           std::vector<float>(G, 0.f)};
+  std::vector<int16_t> q(steps * kStep, 0);
+  for (int64_t si = 0; si < S; ++si) {
+    const int64_t k0 = si * seg, k1 = std::min(Kp, k0 + seg);
+    float amax = 0.f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      finite = finite && std::isfinite(x[k]);
+      amax = std::max(amax, std::fabs(x[k]));
+    }
+    a.scale[si] = finite ? amax / kXMax : std::numeric_limits<float>::quiet_NaN();  // NaN/Inf: NaN out
+    const float inv = finite && amax > 0 ? kXMax / amax : 0.f;
+    int64_t total = 0;
+    for (int64_t k = k0; k < k1; ++k) total += q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
+    a.group_of[si] = static_cast<int32_t>(k0 / group);  // a segment lies within one group
+    a.gsum[k0 / group] += a.scale[si] * static_cast<float>(total);
+  }
+  for (int64_t st = 0; st < steps; ++st) {
+    int8_t* out = a.bytes.data() + st * kStepBytes;
+    for (int half = 0; half < 2; ++half)  // codes j (low nibbles), then j + 16 (high nibbles)
+      for (int lane = 0; lane < 2; ++lane)  // block 2 st + lane
+        for (int j = 0; j < 16; ++j) {
+          const int v = q[st * kStep + lane * kBlock + half * 16 + j];
+          const int hi = (v + 128) >> 8;  // arithmetic shift: floor
+          out[half * 32 + lane * 16 + j] = static_cast<int8_t>(v - 256 * hi);
+          out[64 + half * 32 + lane * 16 + j] = static_cast<int8_t>(hi);
+        }
+  }
+  return a;
+}
+
+struct IntParams {
+  const int8_t* act;
+  const float* ascale;  // [S]
+  const int32_t* seg_group;  // [S]: the group each segment lies in
+  const float* xsum;  // [G]: sums of the quantized token per group, for the zero points
+  const uint8_t* codes;
+  const float* scale;
+  const float* zero;
+  float* y;
+  int64_t N, Kp, G, group, seg, row_bytes;
+};
+
+// 64 codes of one row (blocks 2 st and 2 st + 1) times the token's step bytes, into the int16 sums.
+template <bool Half>
+inline void int_step(const uint8_t* c, const int8_t* a, __m256i& lo, __m256i& hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i raw = Half ? _mm256_set_m128i(_mm_setzero_si128(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)))
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+  const __m256i wl = _mm256_and_si256(raw, mask);
+  const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+  const auto act = [a](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32 * i)); };
+  lo = _mm256_add_epi16(lo, _mm256_add_epi16(_mm256_maddubs_epi16(wl, act(0)), _mm256_maddubs_epi16(wh, act(1))));
+  hi = _mm256_add_epi16(hi, _mm256_add_epi16(_mm256_maddubs_epi16(wl, act(2)), _mm256_maddubs_epi16(wh, act(3))));
+}
+
+// Row n of the one-token product; PerSeg steps per segment (0: segments of 32, two per step).
+template <int PerSeg>
+void int_row(const IntParams& p, int64_t n) {
+  const __m256i ones = _mm256_set1_epi16(1), k256 = _mm256_set1_epi16(256);
+  const int64_t blocks = p.Kp / kBlock, full = blocks / 2, steps = (blocks + 1) / 2, per = PerSeg ? PerSeg : 1;
+  const uint8_t* row = p.codes + n * p.row_bytes;
+  const float* sc = p.scale + n * p.G;
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t s0 = 0, si = 0; s0 < steps; s0 += per, ++si) {
+    const int64_t s1 = std::min(steps, s0 + per), e = std::min(s1, full);
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    if (e - s0 == per) {
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < per; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + (s0 + i) * 32 + kPrefetch), _MM_HINT_T0);
+        int_step<false>(row + (s0 + i) * 32, p.act + (s0 + i) * kStepBytes, lo, hi);
+      }
+    } else {
+      for (int64_t st = s0; st < e; ++st) int_step<false>(row + st * 32, p.act + st * kStepBytes, lo, hi);
+    }
+    if (e < s1) int_step<true>(row + e * 32, p.act + e * kStepBytes, lo, hi);  // the last, odd block
+    const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, k256));
+    __m256 coef;
+    if constexpr (PerSeg == 0) {  // segment = group = one lane; the second lane may lie past the row (0 there)
+      const int64_t g0 = 2 * s0, g1 = g0 + 1;
+      const float c1 = g1 < p.G ? sc[g1] * p.ascale[g1] : 0.f;
+      coef = _mm256_set_m128(_mm_set1_ps(c1), _mm_set1_ps(sc[g0] * p.ascale[g0]));
+    } else {
+      coef = _mm256_set1_ps(sc[p.seg_group[si]] * p.ascale[si]);
+    }
+    total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), coef, total);
+  }
+  // zero points: minus sum_g scale * zero * (sum of the quantized token over g), eight groups at a time
+  const float* zr = p.zero + n * p.G;
+  int64_t g = 0;
+  for (; g + 8 <= p.G; g += 8)
+    total = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(zr + g)),
+                             _mm256_loadu_ps(p.xsum + g), total);
+  float corr = 0.f;
+  for (; g < p.G; ++g) corr += sc[g] * zr[g] * p.xsum[g];
+  p.y[n] = hsum(total) - corr;
+}
+
+template <int PerSeg>
+void int_rows(const IntParams& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) int_row<PerSeg>(p, n);
+}
+
+void int_gemv(const IntParams& p) {
+  const int64_t grain = std::max<int64_t>(2, (int64_t(1) << 16) / std::max<int64_t>(p.Kp, 1));
+  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+    switch (p.seg) {
+      case kBlock: int_rows<0>(p, n0, n1); break;
+      case 64: int_rows<1>(p, n0, n1); break;
+      case 128: int_rows<2>(p, n0, n1); break;
+      case 192: int_rows<3>(p, n0, n1); break;
+      default: int_rows<4>(p, n0, n1); break;
+    }
+  });
+}
+
 // fp32 weight rows [n0, n1) of the first K inputs into out ([n1 - n0, K]).
 template <int Bits>
 void dequantize_rows(const Params& p, int64_t K, int64_t n0, int64_t n1, float* out) {
@@ -179,7 +334,7 @@ Params make_params(const at::Tensor& xp, const at::Tensor& xsum, const at::Tenso
 
 // y = x W^T for x float32 [M, K]; rows from `dequant_from` tokens on go through fp32 slabs and at::mm.
 at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                     int64_t bits, int64_t group, int64_t n, int64_t dequant_from) {
+                     int64_t bits, int64_t group, int64_t n, int64_t dequant_from, bool int16_act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lowbit_avx2: x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), Kp = (K + kBlock - 1) / kBlock * kBlock;
   check_inputs(codes, scale, zero, bits, group, n, K);
@@ -213,6 +368,14 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       sums[m * G + g] = total;
     }
   }
+  const int64_t seg = int_segment(group, G);
+  if (M == 1 && bits == 4 && int16_act && seg > 0) {
+    const IntAct a = quantize_token(dst, Kp, seg, group, G);
+    IntParams ip{a.bytes.data(), a.scale.data(), a.group_of.data(), a.gsum.data(), codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                 zero.data_ptr<float>(), y.data_ptr<float>(), n, Kp, G, group, seg, Kp / 2};
+    int_gemv(ip);
+    return y;
+  }
   Params p = make_params(xp, xsum, codes, scale, zero, y, bits, group, n, Kp);
   if (bits == 8) gemv<8>(p); else gemv<4>(p);
   return y;
@@ -232,7 +395,7 @@ at::Tensor wo_dequantize(const at::Tensor& codes, const at::Tensor& scale, const
 }  // namespace lowbit_avx2
 
 TORCH_LIBRARY(lowbit_avx2, m) {
-  m.def("wo_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group, int n, int dequant_from) -> Tensor");
+  m.def("wo_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group, int n, int dequant_from, bool int16_act) -> Tensor");
   m.def("wo_dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group, int n, int k) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lowbit_avx2, CPU, m) {
