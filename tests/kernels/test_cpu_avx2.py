@@ -4,9 +4,9 @@ The kernel computes in fp32 from the same codes, scales and zero points as the r
 the summation order differs, so fp32 outputs must reach an SQNR of 100 dB (measured: about
 120 dB) on the GEMV path and on the fp32 dequantize + at::mm path; bf16 inputs and outputs are
 bf16-rounded (45 dB). One token with 1-4 bit codes runs on int16 activations (rounded per segment
-of the group to |q| <= 32639): its floor is 70 dB (measured: 87-96 dB on Gaussian inputs, down to 76.8 dB with a 50x outlier in a
-segment of 192). Skipped on CPUs without
-AVX2/FMA/F16C or where the library cannot be built.
+of the group to |q| <= 32639): its floor is 70 dB (measured: 87-96 dB on Gaussian inputs, 76.8 dB
+with a 50x outlier in a segment of 192). Skipped on CPUs without AVX2/FMA/F16C or where the
+library cannot be built.
 """
 
 from __future__ import annotations
