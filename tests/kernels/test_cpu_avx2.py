@@ -20,7 +20,7 @@ from test_cpu_weightonly import _module  # the same random layers as the AVX-512
 from lowbit import kernels
 from lowbit.algorithms.hqq import hqq_quantize
 from lowbit.evaluation.weights import sqnr_db
-from lowbit.formats import Int, NormalFloat
+from lowbit.formats import Binary, Int, Log2, NormalFloat, Ternary
 from lowbit.granularity import PerChannel, PerGroup, PerTensor
 from lowbit.kernels import cpu_avx2, native_available, reference
 from lowbit.nn import QLinear
@@ -49,6 +49,12 @@ CASES = [
     ("w8-tensor", Int(8), PerTensor(), "float32"),
     ("w6-channel", Int(6), PerChannel(), "float32"),
     ("w5-asym-g32", Int(5, symmetric=False), PerGroup(32), "float16"),
+    ("nf4-g64", NormalFloat(4), PerGroup(64), "float16"),
+    ("nf3-g128", NormalFloat(3), PerGroup(128), "float32"),
+    ("nf2-channel", NormalFloat(2), PerChannel(), "float32"),
+    ("log2-4-g32", Log2(4), PerGroup(32), "float16"),
+    ("binary-g64", Binary(), PerGroup(64), "float32"),
+    ("ternary-channel", Ternary(), PerChannel(), "float32"),
 ]
 
 
@@ -98,10 +104,12 @@ def test_avx2_dequantize_is_exact():
         (Int(8), PerChannel(), "float32"),
         (Int(3, symmetric=False), PerGroup(32), "float16"),
         (Int(8, symmetric=False), PerTensor(), "float32"),
+        (NormalFloat(4), PerGroup(64), "float16"),
+        (Log2(3), PerChannel(), "float32"),
     ]:
         module = _module(fmt, gran, sd, 33, 300, bias=False, smooth=False)
         w = cpu_avx2.build_weight(module)
-        got = torch.ops.lowbit_avx2.wo_dequantize(w.codes, w.scale, w.zero, w.bits, w.group, w.n, 300)
+        got = torch.ops.lowbit_avx2.wo_dequantize(w.codes, w.scale, w.zero, w.bits, w.group, w.n, 300, w.table)
         assert torch.equal(got, module.qweight.dequantize(torch.float32)), fmt.name
 
 
@@ -173,7 +181,7 @@ def test_avx2_int16_token_path(fmt, gran, k):
 def test_avx2_refuses_what_it_cannot_run():
     x = torch.randn(1, 256)
     assert not cpu_avx2.weight_supported(_module(Int(4), PerGroup(48), "float32", 8, 256, False, False))
-    assert not cpu_avx2.weight_supported(_module(NormalFloat(4), PerGroup(64), "float32", 8, 256, False, False))
+    assert not cpu_avx2.weight_supported(_module(NormalFloat(4), PerGroup(48), "float32", 8, 256, False, False))
     assert not cpu_avx2._available(_module(Int(4), PerGroup(64), "float32", 8, 256, False, False), x.double())
 
 

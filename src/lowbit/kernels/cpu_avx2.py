@@ -1,7 +1,8 @@
 """Weight-only linear kernel for x86 CPUs with AVX2 + FMA but no AVX-512 (``csrc_avx2/``).
 
 Integer weights of 1-8 bits, per group (a multiple of 32 inputs), per output channel or per tensor,
-with any zero point (integer or fractional): codes are decoded to fp32 in registers and multiplied
+with any zero point (integer or fractional), and level-table formats of up to 16 levels (NF2-4,
+Log2 2-4, binary, ternary: two in-register permutes per 8 codes): codes are decoded to fp32 in registers and multiplied
 with the float activations, so the float weight never exists for a few tokens (decode); from
 ``DEQUANT_FROM`` tokens on, slabs of rows are dequantized to fp32 and multiplied by at::mm.
 Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes. One token with 1-4 bit
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..formats import Int
+from ..formats import Int, _LevelTable
 from ..granularity import PerChannel, PerGroup, PerTensor
 from . import reference, register_kernel
 from .build import load_avx2
@@ -33,7 +34,8 @@ from .weightonly_pack import on_huge_pages
 BLOCK = 32  # inputs per code block of the kernel
 DEQUANT_FROM = 40  # tokens from which fp32 slabs + at::mm beat the register-decoding GEMV (measured on a Zen 3)
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
-LAYOUTS = _layouts(_int_names(range(1, 9)))  # every integer format, per group / channel / tensor
+LEVEL_TABLES = ["nf2", "nf3", "nf4", "log2-2", "log2-3", "log2-4", "binary", "ternary"]
+LAYOUTS = _layouts(_int_names(range(1, 9)) + LEVEL_TABLES)  # per group / channel / tensor
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Avx2Weight:
     bits: int  # 8 or 4: the storage width of one code
     group: int  # inputs per group, a multiple of 32
     n: int
+    table: torch.Tensor | None = None  # float32 [16]: value = scale * table[code] (level-table formats)
 
 
 def _padded(k: int) -> int:
@@ -61,7 +64,7 @@ def nibble_blocks(codes: torch.Tensor) -> torch.Tensor:
 
 def build_weight(module: nn.Module) -> Avx2Weight:
     """The kernel's layout of ``module``'s weight (built once per module, see ``prepacked``)."""
-    fmt: Int = module.weight_format
+    fmt = module.weight_format
     gran = module.weight_granularity
     n, k = module.weight_shape
     kp = _padded(k)
@@ -72,13 +75,18 @@ def build_weight(module: nn.Module) -> Avx2Weight:
     groups = -(-kp // group)
     rows, cols = (1 if isinstance(gran, PerTensor) else n), (groups if isinstance(gran, PerGroup) else 1)
     scale = module.scale.float().reshape(rows, cols).expand(n, groups)
-    if module.zero_point is not None:
+    table = None
+    if isinstance(fmt, _LevelTable):
+        levels = fmt.levels().float()
+        table = torch.cat([levels, levels.new_zeros(16 - len(levels))])
+        zero = torch.zeros(n, groups)
+    elif module.zero_point is not None:
         zero = module.zero_point.float().reshape(rows, cols).expand(n, groups)
     else:
         zero = torch.full((n, groups), float(-fmt.qmin))
     bits = 8 if fmt.bits > 4 else 4
     stored = codes.contiguous() if bits == 8 else nibble_blocks(codes)
-    return Avx2Weight(on_huge_pages(stored), scale.contiguous(), zero.contiguous(), bits, group, n)
+    return Avx2Weight(on_huge_pages(stored), scale.contiguous(), zero.contiguous(), bits, group, n, table)
 
 
 def weight_supported(module: nn.Module) -> bool:
@@ -89,7 +97,7 @@ def weight_supported(module: nn.Module) -> bool:
         ok = (
             module.op == "linear"
             and len(module.weight_shape) == 2
-            and isinstance(fmt, Int)
+            and (isinstance(fmt, Int) or (isinstance(fmt, _LevelTable) and fmt.bits <= 4))
             and module.scale is not None
             and (
                 (isinstance(gran, PerGroup) and gran.size % BLOCK == 0)
@@ -108,7 +116,7 @@ def _ready() -> bool:
         return False
 
     @torch.library.register_fake("lowbit_avx2::wo_linear")
-    def _linear_fake(x, codes, scale, zero, bits, group, n, dequant_from, int16_act):
+    def _linear_fake(x, codes, scale, zero, bits, group, n, dequant_from, int16_act, table):
         return x.new_empty(x.shape[0], n)
 
     return True
@@ -127,7 +135,7 @@ def _available(module: nn.Module, x: torch.Tensor) -> bool:
 def _linear(module: nn.Module, x: torch.Tensor, x2: torch.Tensor, dequant_from: int, int16_act: bool) -> torch.Tensor:
     w: Avx2Weight = _packed(module, "cpu-avx2", build_weight)
     y = torch.ops.lowbit_avx2.wo_linear(x2.float().contiguous(), w.codes, w.scale, w.zero, w.bits, w.group, w.n,
-                                        dequant_from, int16_act)  # fmt: skip
+                                        dequant_from, int16_act, w.table)  # fmt: skip
     if module.bias is not None:
         y = y + module.bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], w.n)

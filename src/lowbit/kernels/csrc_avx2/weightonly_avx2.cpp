@@ -36,9 +36,20 @@ inline float hsum(__m256 v) {
 
 inline __m256 to_float(__m128i bytes8) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)); }
 
-// The 32 codes of one block as four vectors of 8 floats, in input order.
+// Nibble codes that index a table of 16 levels (NF, Log2, binary, ternary): the "bits" of the templates.
+constexpr int kTable = 16;
+
+// Levels table[code] of eight codes < 16: two in-register permutes and a blend.
+inline __m256 to_level(__m128i bytes8, const float* table) {
+  const __m256i idx = _mm256_cvtepu8_epi32(bytes8);
+  const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
+  const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+}
+
+// The 32 codes of one block as four vectors of 8 floats, in input order (levels for kTable).
 template <int Bits>
-inline void decode_block(const uint8_t* p, __m256 out[4]) {
+inline void decode_block(const uint8_t* p, __m256 out[4], const float* table) {
   if constexpr (Bits == 8) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
@@ -51,10 +62,17 @@ inline void decode_block(const uint8_t* p, __m256 out[4]) {
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(raw, mask);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    out[0] = to_float(lo);
-    out[1] = to_float(_mm_srli_si128(lo, 8));
-    out[2] = to_float(hi);
-    out[3] = to_float(_mm_srli_si128(hi, 8));
+    if constexpr (Bits == kTable) {
+      out[0] = to_level(lo, table);
+      out[1] = to_level(_mm_srli_si128(lo, 8), table);
+      out[2] = to_level(hi, table);
+      out[3] = to_level(_mm_srli_si128(hi, 8), table);
+    } else {
+      out[0] = to_float(lo);
+      out[1] = to_float(_mm_srli_si128(lo, 8));
+      out[2] = to_float(hi);
+      out[3] = to_float(_mm_srli_si128(hi, 8));
+    }
   }
 }
 
@@ -66,6 +84,7 @@ struct Params {
   const float* zero;  // [N, G]
   float* y;  // [M, N]
   int64_t M, N, Kp, G, group, row_bytes;
+  const float* table;  // 16 levels (kTable), else unused
 };
 
 // Accumulators per token: 4 for one token (the FMA latency), fewer as tokens add chains.
@@ -92,7 +111,7 @@ void rows_kernel(const Params& p, int64_t n0, int64_t n1, int64_t m0) {
         for (int c = 0; c < kChains<T>; ++c) acc[t][c] = _mm256_setzero_ps();
       for (int64_t b = b0; b < b1; ++b) {
         __m256 w[4];
-        decode_block<Bits>(row + b * block_bytes, w);
+        decode_block<Bits>(row + b * block_bytes, w, p.table);
         for (int t = 0; t < T; ++t) {
           const float* xr = p.x + (m0 + t) * p.Kp + b * kBlock;
           for (int q = 0; q < 4; ++q) {
@@ -114,7 +133,7 @@ void rows_kernel(const Params& p, int64_t n0, int64_t n1, int64_t m0) {
 }
 
 template <int Bits>
-void gemv(const Params& p) {
+void gemv(const Params& p) {  // Bits: 8, 4 or kTable
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(p.Kp, 1));
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
     int64_t m = 0;
@@ -292,7 +311,7 @@ void dequantize_rows(const Params& p, int64_t K, int64_t n0, int64_t n1, float* 
       const __m256 s = _mm256_set1_ps(p.scale[n * p.G + g]);
       const __m256 z = _mm256_set1_ps(p.zero[n * p.G + g]);
       __m256 w[4];
-      decode_block<Bits>(row + b * block_bytes, w);
+      decode_block<Bits>(row + b * block_bytes, w, p.table);
       alignas(32) float tmp[kBlock];
       for (int q = 0; q < 4; ++q) _mm256_store_ps(tmp + 8 * q, _mm256_mul_ps(_mm256_sub_ps(w[q], z), s));
       std::copy(tmp, tmp + std::min(kBlock, K - b * kBlock), dst + b * kBlock);
@@ -327,26 +346,42 @@ Params make_params(const at::Tensor& xp, const at::Tensor& xsum, const at::Tenso
   return Params{xp.data_ptr<float>(),  xsum.data_ptr<float>(), codes.data_ptr<uint8_t>(),
                 scale.data_ptr<float>(), zero.data_ptr<float>(), y.data_ptr<float>(),
                 xp.size(0),              n,                      kp,
-                scale.numel() / n,       group,                  bits == 8 ? kp : kp / 2};
+                scale.numel() / n,       group,                  bits == 8 ? kp : kp / 2,
+                nullptr};
+}
+
+const float* table_of(const c10::optional<at::Tensor>& table, int64_t bits) {
+  if (!table.has_value()) return nullptr;
+  TORCH_CHECK(bits == 4 && table->scalar_type() == at::kFloat && table->is_contiguous() && table->numel() == 16,
+              "lowbit_avx2: a level table must be 16 contiguous float32 values with 4-bit codes");
+  return table->data_ptr<float>();
+}
+
+at::Tensor dequantize_any(const Params& p, int64_t bits, int64_t K, int64_t n0, int64_t n1) {
+  if (bits == 8) return dequantize_t<8>(p, K, n0, n1);
+  return p.table ? dequantize_t<kTable>(p, K, n0, n1) : dequantize_t<4>(p, K, n0, n1);
 }
 
 }  // namespace
 
 // y = x W^T for x float32 [M, K]; rows from `dequant_from` tokens on go through fp32 slabs and at::mm.
 at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                     int64_t bits, int64_t group, int64_t n, int64_t dequant_from, bool int16_act) {
+                     int64_t bits, int64_t group, int64_t n, int64_t dequant_from, bool int16_act,
+                     const c10::optional<at::Tensor>& table) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lowbit_avx2: x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), Kp = (K + kBlock - 1) / kBlock * kBlock;
   check_inputs(codes, scale, zero, bits, group, n, K);
+  const float* levels = table_of(table, bits);
   at::Tensor y = at::empty({M, n}, at::kFloat);
   if (M == 0 || n == 0) return y.zero_();
   at::Tensor xc = x.contiguous();
   if (M >= dequant_from) {
     Params p = make_params(xc, xc, codes, scale, zero, y, bits, group, n, Kp);
+    p.table = levels;
     const int64_t slab = std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(K, 1)) / 16 * 16;
     for (int64_t n0 = 0; n0 < n; n0 += slab) {
       const int64_t n1 = std::min(n, n0 + slab);
-      at::Tensor w = bits == 8 ? dequantize_t<8>(p, K, n0, n1) : dequantize_t<4>(p, K, n0, n1);
+      at::Tensor w = dequantize_any(p, bits, K, n0, n1);
       y.narrow(1, n0, n1 - n0).copy_(at::mm(xc, w.t()));
     }
     return y;
@@ -369,7 +404,7 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     }
   }
   const int64_t seg = int_segment(group, G);
-  if (M == 1 && bits == 4 && int16_act && seg > 0) {
+  if (M == 1 && bits == 4 && !levels && int16_act && seg > 0) {
     const IntAct a = quantize_token(dst, Kp, seg, group, G);
     IntParams ip{a.bytes.data(), a.scale.data(), a.group_of.data(), a.gsum.data(), codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
                  zero.data_ptr<float>(), y.data_ptr<float>(), n, Kp, G, group, seg, Kp / 2};
@@ -377,26 +412,30 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     return y;
   }
   Params p = make_params(xp, xsum, codes, scale, zero, y, bits, group, n, Kp);
-  if (bits == 8) gemv<8>(p); else gemv<4>(p);
+  p.table = levels;
+  if (bits == 8) gemv<8>(p);
+  else if (levels) gemv<kTable>(p);
+  else gemv<4>(p);
   return y;
 }
 
 // The fp32 weight [n, k] the codes stand for (tests, and any caller that wants the float weight).
 at::Tensor wo_dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
-                         int64_t group, int64_t n, int64_t k) {
+                         int64_t group, int64_t n, int64_t k, const c10::optional<at::Tensor>& table) {
   check_inputs(codes, scale, zero, bits, group, n, k);
   const int64_t Kp = (k + kBlock - 1) / kBlock * kBlock;
   at::Tensor dummy = at::empty({1, 1}, at::kFloat), y = at::empty({1, 1}, at::kFloat);
   Params p = make_params(dummy, dummy, codes, scale, zero, y, bits, group, n, Kp);
   p.G = scale.numel() / n;
-  return bits == 8 ? dequantize_t<8>(p, k, 0, n) : dequantize_t<4>(p, k, 0, n);
+  p.table = table_of(table, bits);
+  return dequantize_any(p, bits, k, 0, n);
 }
 
 }  // namespace lowbit_avx2
 
 TORCH_LIBRARY(lowbit_avx2, m) {
-  m.def("wo_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group, int n, int dequant_from, bool int16_act) -> Tensor");
-  m.def("wo_dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group, int n, int k) -> Tensor");
+  m.def("wo_linear(Tensor x, Tensor codes, Tensor scale, Tensor zero, int bits, int group, int n, int dequant_from, bool int16_act, Tensor? table) -> Tensor");
+  m.def("wo_dequantize(Tensor codes, Tensor scale, Tensor zero, int bits, int group, int n, int k, Tensor? table) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lowbit_avx2, CPU, m) {
   m.impl("wo_linear", &lowbit_avx2::wo_linear);
