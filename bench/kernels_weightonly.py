@@ -147,16 +147,25 @@ def _clone(qt: QTensor) -> QTensor:
     return QTensor(qt.data.clone(), qt.fmt, qt.granularity, qt.shape, qt.dtype, qt.scale, qt.zero_point, qt.codebook)
 
 
-def crossover(repeat: int) -> list[dict]:
-    """w4-g128 4096x4096: GEMV tiles vs dequantize-to-bf16 + matmul, by M (hot)."""
+def crossover(repeat: int) -> list[dict] | dict:
+    """w4-g128 4096x4096: the GEMV vs dequantize + matmul, by M (hot), on the native (AVX-512)
+    kernel, else the AVX2 one."""
+    from lowbit.kernels import cpu_avx2
+
     module = QLinear(_weight("w4-g128", 4096, 4096, 0), ActivationSpec())
+    if kernels.native_available():
+        fn, arg = cpu_weightonly.blocks_linear, "prefill_from"
+    elif cpu_avx2._ready():
+        fn, arg = cpu_avx2.avx2_linear, "dequant_from"
+    else:
+        return {"skipped": "no lowbit weight-only kernel on this machine"}
     out = []
     for m in (1, 2, 4, 8, 12, 16, 24, 32, 64):
         x = torch.randn(m, 4096)
-        run = functools.partial(cpu_weightonly.blocks_linear, module, x)
-        gemv = _time([functools.partial(run, prefill_from=10**9)], repeat)
-        prefill = _time([functools.partial(run, prefill_from=1)], repeat)
-        out.append({"m": m, "gemv_ms": round(gemv, 3), "prefill_ms": round(prefill, 3)})
+        run = functools.partial(fn, module, x)
+        gemv = _time([functools.partial(run, **{arg: 10**9})], repeat)
+        prefill = _time([functools.partial(run, **{arg: 1})], repeat)
+        out.append({"m": m, "kernel": fn.__name__, "gemv_ms": round(gemv, 3), "prefill_ms": round(prefill, 3)})
     return out
 
 
