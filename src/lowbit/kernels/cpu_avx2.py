@@ -2,14 +2,14 @@
 
 Integer weights of 1-8 bits, per group (a multiple of 32 inputs), per output channel or per tensor,
 with any zero point (integer or fractional), and level-table formats of up to 16 levels (NF2-4,
-Log2 2-4, binary, ternary: two in-register permutes per 8 codes): codes are decoded to fp32 in registers and multiplied
-with the float activations, so the float weight never exists for a few tokens (decode); from
-``DEQUANT_FROM`` tokens on, slabs of rows are dequantized to fp32 and multiplied by at::mm.
-Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes. One token with 1-4 bit
-codes (decode) instead quantizes the activation to int16 per segment of the group and multiplies
-it with the nibble codes on vpmaddubsw (``int16_act``): 0.63-0.74 ms against 1.21-1.27 ms for the fp32
-decoding at 4096 x 4096 w4-g128 from DRAM on a Zen 3, at an SQNR of 87-96 dB to the reference
-(the activation's int16 rounding). On AVX-512 machines
+Log2 2-4, binary, ternary: two in-register permutes per 8 codes): codes are decoded to fp32 in
+registers and multiplied with the float activations, so the float weight never exists for a few
+tokens (decode); from ``DEQUANT_FROM`` tokens on, slabs of rows are dequantized to fp32 and
+multiplied by at::mm. Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes.
+One token with 1-4 bit integer codes (decode) instead quantizes the activation to int16 per
+segment of the group and multiplies it with the nibble codes on vpmaddubsw (``int16_act``):
+0.63-0.74 ms against 1.21-1.27 ms for the fp32 decoding at 4096 x 4096 w4-g128 from DRAM on a
+Zen 3, at 87-96 dB SQNR to the reference (the activation's int16 rounding). On AVX-512 machines
 the VNNI kernels (priority 10) run first; these cover the other x86 CPUs (Zen 1-3, older Intel).
 ``cpu-avx2-w8a8`` runs W8A8 layers there on fake-quantized activations (see its docstring); on
 AVX-512 machines it also takes the W8A8 layers the VNNI kernel refuses (e.g. per-tensor dynamic
