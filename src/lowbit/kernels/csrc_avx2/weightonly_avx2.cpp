@@ -157,8 +157,8 @@ void gemv(const Params& p) {  // Bits: 8, 4 or kTable
 // Each 128-bit lane holds one block, so segments of 32 (group 32) are one lane each.
 constexpr int kXMax = 32639;
 constexpr int64_t kStep = 64;  // inputs per step: two blocks
-constexpr int64_t kStepBytes = 128;
-constexpr int64_t kPrefetch = 4096;  // bytes of codes prefetched ahead (1.2-1.5x from DRAM on a Zen 3)
+constexpr int64_t kStepBytes = 128;  // activation bytes per step: lo plane (2 x 32), hi plane (2 x 32)
+constexpr int64_t kPrefetch = 4096;  // bytes of codes prefetched ahead (1.2-1.4x from DRAM on a Zen 3)
 
 // The int16 segment for a group size: 0 where the path does not apply (group an odd multiple of 32 above 32).
 int64_t int_segment(int64_t group, int64_t G) {
