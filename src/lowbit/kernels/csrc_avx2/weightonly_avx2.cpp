@@ -387,12 +387,21 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     return y;
   }
   const int64_t G = scale.numel() / n;
-  at::Tensor xp = at::zeros({M, Kp}, at::kFloat), xsum = at::empty({M, G}, at::kFloat);
+  at::Tensor xp = at::zeros({M, Kp}, at::kFloat);
   const float* src = xc.data_ptr<float>();
   float* dst = xp.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) std::copy(src + m * K, src + (m + 1) * K, dst + m * Kp);  // zero padded
+  const int64_t seg = int_segment(group, G);
+  if (M == 1 && bits == 4 && !levels && int16_act && seg > 0) {  // sums its own quantized token per group
+    const IntAct a = quantize_token(dst, Kp, seg, group, G);
+    IntParams ip{a.bytes.data(), a.scale.data(), a.group_of.data(), a.gsum.data(), codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                 zero.data_ptr<float>(), y.data_ptr<float>(), n, Kp, G, group, seg, Kp / 2};
+    int_gemv(ip);
+    return y;
+  }
+  at::Tensor xsum = at::empty({M, G}, at::kFloat);
   float* sums = xsum.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {  // zero padded copy and per-group sums of each token
-    std::copy(src + m * K, src + (m + 1) * K, dst + m * Kp);
+  for (int64_t m = 0; m < M; ++m) {  // per-group sums of each token, for the zero points
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = std::min(K, g * group), k1 = std::min(K, k0 + group);
       __m256 acc = _mm256_setzero_ps();
@@ -402,14 +411,6 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
       for (; k < k1; ++k) total += src[m * K + k];
       sums[m * G + g] = total;
     }
-  }
-  const int64_t seg = int_segment(group, G);
-  if (M == 1 && bits == 4 && !levels && int16_act && seg > 0) {
-    const IntAct a = quantize_token(dst, Kp, seg, group, G);
-    IntParams ip{a.bytes.data(), a.scale.data(), a.group_of.data(), a.gsum.data(), codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                 zero.data_ptr<float>(), y.data_ptr<float>(), n, Kp, G, group, seg, Kp / 2};
-    int_gemv(ip);
-    return y;
   }
   Params p = make_params(xp, xsum, codes, scale, zero, y, bits, group, n, Kp);
   p.table = levels;
