@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist (`-n N`), split the cores between the workers: N processes each running
+    all-core OpenMP loops would oversubscribe the CPU. Subprocesses (CLI tests) inherit the limit."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_cores_between_workers()
 
 
 @pytest.fixture(autouse=True)

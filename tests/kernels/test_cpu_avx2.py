@@ -216,13 +216,89 @@ def test_avx2_w8a8_matches_reference(mode):
     assert chosen == ("cpu-int8" if native_available() else "cpu-avx2-w8a8")
 
 
+def _w8a8_module(act: ActivationSpec, k: int, seed: int, smooth: bool) -> QLinear:
+    gen = torch.Generator().manual_seed(seed)
+    qt = QTensor.quantize(torch.randn(9, k, generator=gen), QuantSpec(Int(8), PerChannel()))
+    module = QLinear(qt, act, torch.randn(9, generator=gen))
+    if smooth:
+        module.set_input_smooth(torch.rand(k, generator=gen) + 0.5)
+    return module
+
+
+@avx2
+@pytest.mark.parametrize("k", [1, 7, 8, 33, 384])  # below, at and past one vector of 8; a tail; MiniLM's width
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
+@pytest.mark.parametrize(
+    ("act", "static"),
+    [
+        (ActivationSpec("dynamic", Int(8)), None),
+        (ActivationSpec("dynamic", Int(4)), None),
+        (ActivationSpec("static", Int(8, symmetric=False)), (0.037, 131)),
+        (ActivationSpec("static", Int(8)), (0.02, None)),
+    ],
+    ids=["dyn-int8", "dyn-int4", "static-uint8", "static-int8"],
+)
+def test_w8a8_activations_equal_the_reference_bit_for_bit(act, static, smooth, k):
+    """The native one-pass fake quantizer gives reference.quantize_input's values exactly: per-token
+    scales from min/max, constant and all-zero rows, tiny and huge rows, clipping, round half to even."""
+    module = _w8a8_module(act, k, k, smooth)
+    if static is not None:
+        scale, zero = static
+        module.set_input_qparams(torch.tensor([scale]), None if zero is None else torch.tensor([zero]))
+    assert cpu_avx2.native_activation(module)
+    gen = torch.Generator().manual_seed(k)
+    rows = [
+        torch.randn(37, k, generator=gen) * 5,
+        torch.zeros(2, k),
+        torch.full((2, k), -0.7),
+        torch.randn(2, k, generator=gen) * 1e-30,
+        torch.randn(3, k, generator=gen) * 1e4,
+        torch.arange(k, dtype=torch.float32).view(1, k) * 0.5 - k / 4,  # many exact halves of a code
+    ]
+    for x in rows:
+        assert torch.equal(cpu_avx2.quantized_input(module, x), reference.quantize_input(x, module))
+
+
+@avx2
+def test_w8a8_activations_outside_the_native_path():
+    """Non-finite rows go to the reference (which names the problem for dynamic activations), bf16 rows
+    and other activation specs are left to it too."""
+    from lowbit.errors import NonFiniteError
+
+    dynamic = _w8a8_module(ActivationSpec("dynamic", Int(8)), 40, 1, smooth=True)
+    x = torch.randn(3, 40)
+    x[1, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        cpu_avx2.quantized_input(dynamic, x)
+    static = _w8a8_module(ActivationSpec("static", Int(8, symmetric=False)), 40, 2, smooth=False)
+    static.set_input_qparams(torch.tensor([0.05]), torch.tensor([120]))
+    x[1, 3] = float("inf")
+    assert torch.equal(cpu_avx2.quantized_input(static, x), reference.quantize_input(x, static))
+    xb = torch.randn(4, 40).bfloat16()
+    assert torch.equal(cpu_avx2.quantized_input(dynamic, xb), reference.quantize_input(xb, dynamic))
+    full_range = _w8a8_module(ActivationSpec("dynamic", Int(8, full_range=True)), 40, 3, smooth=False)
+    assert not cpu_avx2.native_activation(full_range)
+
+
+@avx2
+def test_avx2_whole_weight_and_slab_products_agree():
+    """Many tokens: a weight up to 2^22 values is dequantized whole for one at::mm, a larger one in slabs."""
+    for n, k in ((64, 512), (1100, 4000)):
+        module = _module(Int(4, symmetric=False), PerGroup(128), "float16", n, k, bias=True, smooth=False)
+        x = torch.randn(cpu_avx2.DEQUANT_FROM, k)
+        got = sqnr_db(reference.linear(module, x), cpu_avx2.avx2_linear(module, x))
+        assert got > FP32_FLOOR, f"{n}x{k}: {got:.1f} dB"
+
+
 @avx2
 def test_torch_compile_traces_the_avx2_op():
     first = _module(Int(4, symmetric=False), PerGroup(32), "float16", 64, 96, bias=True, smooth=True)
     second = _module(Int(8), PerChannel(), "float32", 40, 64, bias=False, smooth=False)
+    third = _w8a8_module(ActivationSpec("dynamic", Int(8)), 40, 4, smooth=True)  # the native fake quantizer
 
     def forward(t: torch.Tensor) -> torch.Tensor:
-        return cpu_avx2.avx2_linear(second, torch.nn.functional.gelu(cpu_avx2.avx2_linear(first, t)))
+        hidden = cpu_avx2.avx2_linear(second, torch.nn.functional.gelu(cpu_avx2.avx2_linear(first, t)))
+        return cpu_avx2.avx2_w8a8_linear(third, hidden)
 
     x = torch.randn(3, 96)
     eager = forward(x)  # builds the kernel layouts

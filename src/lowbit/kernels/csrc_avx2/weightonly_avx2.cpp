@@ -27,6 +27,9 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // inputs per code block
 constexpr int64_t kTokens = 4;  // tokens sharing one decoded block
+// Many tokens: weights up to this many values are dequantized whole (16 MB of fp32) for one at::mm;
+// larger ones in slabs of rows, each product copied into its columns of y.
+constexpr int64_t kWholeWeight = int64_t(1) << 22;
 
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -378,6 +381,10 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   if (M >= dequant_from) {
     Params p = make_params(xc, xc, codes, scale, zero, y, bits, group, n, Kp);
     p.table = levels;
+    if (n * K <= kWholeWeight) {  // one product straight into y: no copy of column slabs
+      at::mm_out(y, xc, dequantize_any(p, bits, K, 0, n).t());
+      return y;
+    }
     const int64_t slab = std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(K, 1)) / 16 * 16;
     for (int64_t n0 = 0; n0 < n; n0 += slab) {
       const int64_t n1 = std::min(n, n0 + slab);
