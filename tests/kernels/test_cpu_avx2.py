@@ -288,6 +288,8 @@ def test_avx2_whole_weight_and_slab_products_agree():
         x = torch.randn(cpu_avx2.DEQUANT_FROM, k)
         got = sqnr_db(reference.linear(module, x), cpu_avx2.avx2_linear(module, x))
         assert got > FP32_FLOOR, f"{n}x{k}: {got:.1f} dB"
+    # an input that requires grad (a model called outside no_grad) runs too; the op itself has no gradient
+    assert cpu_avx2.avx2_linear(module, x.clone().requires_grad_()).shape == (cpu_avx2.DEQUANT_FROM, n)
 
 
 @avx2

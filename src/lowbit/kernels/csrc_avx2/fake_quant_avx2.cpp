@@ -5,7 +5,7 @@
 //   and integer zero point): q = clamp(round(x / scale) + zero, qmin, qmax), value = (q - zero) * scale.
 // Every step is the reference's IEEE operation in the same order (divisions, round half to even), so
 // the values equal the reference's bit for bit. Rows holding NaN or Inf are reported through `finite`
-// (the caller then runs the reference, which names the problem); their values are unspecified.
+// (the caller then runs the reference, which names the problem); such a row is left smoothed, unquantized.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

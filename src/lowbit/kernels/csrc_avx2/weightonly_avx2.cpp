@@ -382,6 +382,7 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     Params p = make_params(xc, xc, codes, scale, zero, y, bits, group, n, Kp);
     p.table = levels;
     if (n * K <= kWholeWeight) {  // one product straight into y: no copy of column slabs
+      at::NoGradGuard no_grad;  // the op has no gradient; an input that requires one must not stop mm_out
       at::mm_out(y, xc, dequantize_any(p, bits, K, 0, n).t());
       return y;
     }
