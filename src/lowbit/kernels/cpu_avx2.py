@@ -4,8 +4,8 @@ Integer weights of 1-8 bits, per group (a multiple of 32 inputs), per output cha
 with any zero point (integer or fractional), and level-table formats of up to 16 levels (NF2-4,
 Log2 2-4, binary, ternary: two in-register permutes per 8 codes): codes are decoded to fp32 in
 registers and multiplied with the float activations, so the float weight never exists for a few
-tokens (decode); from ``DEQUANT_FROM`` tokens on, slabs of rows are dequantized to fp32 and
-multiplied by at::mm. Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes.
+tokens (decode); from ``DEQUANT_FROM`` tokens on, the weight (a large one in slabs of rows) is
+dequantized to fp32 and multiplied by at::mm. Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes.
 One token with 1-4 bit integer codes (decode) instead quantizes the activation to int16 per
 segment of the group and multiplies it with the nibble codes on vpmaddubsw (``int16_act``):
 0.63-0.74 ms against 1.21-1.27 ms for the fp32 decoding at 4096 x 4096 w4-g128 from DRAM on a
@@ -185,7 +185,7 @@ def quantized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return reference.quantize_input(x, module)
     fmt, static = module.activation.format, module.activation.mode == "static"
     out, finite = torch.ops.lowbit_avx2.w8a8_fake_quant(
-        x.contiguous(),
+        x,
         module.input_smooth,
         module.input_scale if static else None,
         module.input_zero_point if static else None,

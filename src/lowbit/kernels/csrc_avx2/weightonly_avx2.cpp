@@ -9,7 +9,7 @@
 //           nibble and input j + 16 in its high nibble (two shifts give 16 codes in order).
 // Each group's products are summed in fp32 vectors, scaled by the group's scale into a running
 // vector; the zero-point term is one scalar per (token, group). Many tokens (prefill) dequantize
-// a slab of rows to fp32 at a time and call at::mm. One token with 1-4 bit codes (decode) takes the
+// the weight to fp32 (a large one a slab of rows at a time) and call at::mm. One token with 1-4 bit codes (decode) takes the
 // integer path below (int16 activations x codes on vpmaddubsw), about 2x the fp32 decoding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
