@@ -34,7 +34,7 @@ from lowbit.nn import QLinear
 from lowbit.presets import get_preset
 from lowbit.tensor import QTensor
 
-W8A8_KERNELS = ("cpu-int8", "cpu-int8-portable")
+W8A8_KERNELS = ("cpu-int8", "cpu-avx2-w8a8", "cpu-int8-portable")
 SLOW_CALL_S = 1.0  # a call slower than this is timed once (torch._int_mm at M=256 takes ~12 s on an AVX2-only Zen 3)
 
 

@@ -9,7 +9,9 @@ dequantized to fp32 and multiplied by at::mm. Codes of 1-4 bits are held as nibb
 One token with 1-4 bit integer codes (decode) instead quantizes the activation to int16 per
 segment of the group and multiplies it with the nibble codes on vpmaddubsw (``int16_act``):
 0.63-0.74 ms against 1.21-1.27 ms for the fp32 decoding at 4096 x 4096 w4-g128 from DRAM on a
-Zen 3, at 87-96 dB SQNR to the reference (the activation's int16 rounding). On AVX-512 machines
+Zen 3, at 87-96 dB SQNR to the reference (the activation's int16 rounding). Fewer than
+``DEQUANT_FROM`` tokens with 5-8 bit codes do the same on vpmaddwd (codes held as code - 128 in
+int8): 0.64-0.68 ms against 0.93 ms at 4096 x 4096 w8 per channel from DRAM on a Zen 3, 91-94 dB. On AVX-512 machines
 the VNNI kernels (priority 10) run first; these cover the other x86 CPUs (Zen 1-3, older Intel).
 ``cpu-avx2-w8a8`` runs W8A8 layers there on fake-quantized activations (see its docstring); on
 AVX-512 machines it also takes the W8A8 layers the VNNI kernel refuses (e.g. per-tensor dynamic
@@ -42,9 +44,9 @@ LAYOUTS = _layouts(_int_names(range(1, 9)) + LEVEL_TABLES)  # per group / channe
 class Avx2Weight:
     """A layer's weight as the AVX2 kernel reads it: value = scale * (code - zero) per group."""
 
-    codes: torch.Tensor  # uint8 [N, Kp] (bits 8) or [N, Kp / 2] nibble blocks (bits 4)
+    codes: torch.Tensor  # uint8 [N, Kp] holding code - 128 as int8 (bits 8), or [N, Kp / 2] nibble blocks (bits 4)
     scale: torch.Tensor  # float32 [N, groups]
-    zero: torch.Tensor  # float32 [N, groups], in code units
+    zero: torch.Tensor  # float32 [N, groups], in code units (minus 128 for bits 8)
     bits: int  # 8 or 4: the storage width of one code
     group: int  # inputs per group, a multiple of 32
     n: int
@@ -85,7 +87,11 @@ def build_weight(module: nn.Module) -> Avx2Weight:
     else:
         zero = torch.full((n, groups), float(-fmt.qmin))
     bits = 8 if fmt.bits > 4 else 4
-    stored = codes.contiguous() if bits == 8 else nibble_blocks(codes)
+    if bits == 8:  # signed bytes for the kernel's int8 loads: code - 128 against zero - 128 (the same values)
+        stored = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8).contiguous()
+        zero = zero - 128.0
+    else:
+        stored = nibble_blocks(codes)
     return Avx2Weight(on_huge_pages(stored), scale.contiguous(), zero.contiguous(), bits, group, n, table)
 
 
@@ -118,6 +124,10 @@ def _ready() -> bool:
     @torch.library.register_fake("lowbit_avx2::wo_linear")
     def _linear_fake(x, codes, scale, zero, bits, group, n, dequant_from, int16_act, table):
         return x.new_empty(x.shape[0], n)
+
+    @torch.library.register_fake("lowbit_avx2::w8a8_linear_int")
+    def _linear_int_fake(x, smooth, x_scale, x_zero_point, qmin, qmax, codes, scale, zero, group, n):
+        return x.new_empty(x.shape[0], n), x.new_empty((), dtype=torch.bool)
 
     @torch.library.register_fake("lowbit_avx2::w8a8_fake_quant")
     def _fake_quant_fake(x, smooth, x_scale, x_zero_point, qmin, qmax):
@@ -201,12 +211,43 @@ def quantized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
                  priority=7, available=_available)  # fmt: skip
 def avx2_w8a8_linear(module: nn.Module, x: torch.Tensor, dequant_from: int = DEQUANT_FROM) -> torch.Tensor:
     """W8A8 on AVX2 CPUs: the reference's activation codes (dynamic per token or static, after
-    SmoothQuant's divisor), dequantized in one native pass, times the int8 weight decoded by the AVX2 kernel.
+    SmoothQuant's divisor). Fewer than ``dequant_from`` tokens (decode) multiply those codes with the
+    int8 weight codes in int32 on vpmaddwd (exact sums, one fp32 rescale: memory-bound, 0.68 ms at
+    4096 x 4096 from DRAM on a Zen 3 against 5.1 ms for fp32 F.linear). More tokens get the codes
+    dequantized in one native pass, times the int8 weight decoded by the AVX2 kernel and at::mm.
 
-    Not an integer GEMM: torch._int_mm (cpu-int8-portable) has no fast AVX2 path (2048 x 384 x 1536
-    took 2.9 s against 81 ms in fp32 on a Zen 3), and AVX2 has no int8 instruction that beats fp32 FMA
-    by much (measured on a Zen 3: 32 int8 MACs per vpmaddubsw + vpmaddwd + vpaddd + vpsignb step at 1.16x
-    the fp32 FMA rate, 16 per vpmaddwd + vpaddd at 0.68x), so this keeps W8A8 models at about float
-    speed with the reference's numbers (fp32 summation order aside)."""
-    x2 = quantized_input(module, x.reshape(-1, x.shape[-1]))
-    return _linear(module, x, x2, dequant_from, False)
+    Not an integer GEMM for many tokens: torch._int_mm (cpu-int8-portable) has no fast AVX2 path
+    (2048 x 384 x 1536 took 2.9 s against 81 ms in fp32 on a Zen 3), and AVX2 has no int8 instruction
+    that beats fp32 FMA by much (measured on a Zen 3: 32 int8 MACs per vpmaddubsw + vpmaddwd + vpaddd
+    + vpsignb step at 1.16x the fp32 FMA rate, 16 per vpmaddwd + vpaddd at 0.68x), so prefill stays at
+    about float speed with the reference's numbers (fp32 summation order aside)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] < dequant_from and x2.dtype == torch.float32 and native_activation(module):
+        return _w8a8_few_tokens(module, x, x2)
+    return _linear(module, x, quantized_input(module, x2), dequant_from, False)
+
+
+def _w8a8_few_tokens(module: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """Few tokens (decode): the activation codes times the weight codes in int32 on vpmaddwd, one
+    rescale per segment; the same products as the reference, summed exactly. NaN/Inf rows go to
+    the reference, which names the problem."""
+    w: Avx2Weight = _packed(module, "cpu-avx2", build_weight)
+    fmt, static = module.activation.format, module.activation.mode == "static"
+    y, finite = torch.ops.lowbit_avx2.w8a8_linear_int(
+        x2.contiguous(),
+        module.input_smooth,
+        module.input_scale if static else None,
+        module.input_zero_point if static else None,
+        float(fmt.qmin),
+        float(fmt.qmax),
+        w.codes,
+        w.scale,
+        w.zero,
+        w.group,
+        w.n,
+    )
+    if not torch.compiler.is_compiling() and not bool(finite):
+        return _linear(module, x, reference.quantize_input(x2, module), DEQUANT_FROM, False)
+    if module.bias is not None:
+        y = y + module.bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], w.n)

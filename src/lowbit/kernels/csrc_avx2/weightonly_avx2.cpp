@@ -2,19 +2,23 @@
 //
 // y[m, n] = sum_g scale[n, g] * sum_{k in g} x[m, k] * (code[n, k] - zero[n, g])
 //         = sum_g scale[n, g] * (sum_{k in g} x[m, k] * code[n, k] - zero[n, g] * xsum[m, g])
-// Codes are unsigned (the stored uint8 codes of lowbit's Int formats) and decoded to fp32 in
-// registers: the float weight is never materialised for few tokens (decode). Layouts:
-//   bits 8: [N, Kp] uint8, row-major (Kp = K rounded up to 32, zero padded);
+// Codes are decoded in registers: the float weight is never materialised for few tokens (decode). Layouts:
+//   bits 8: [N, Kp] bytes holding code - 128 as int8, row-major (Kp = K rounded up to 32, zero
+//           padded); the zero points come shifted by 128 as well, so value = scale * (byte - zero);
 //   bits 4: [N, Kp / 2] uint8 in blocks of 32 inputs: byte j of a block holds input j in its low
 //           nibble and input j + 16 in its high nibble (two shifts give 16 codes in order).
 // Each group's products are summed in fp32 vectors, scaled by the group's scale into a running
 // vector; the zero-point term is one scalar per (token, group). Many tokens (prefill) dequantize
-// the weight to fp32 (a large one a slab of rows at a time) and call at::mm. One token with 1-4 bit codes (decode) takes the
-// integer path below (int16 activations x codes on vpmaddubsw), about 2x the fp32 decoding.
+// the weight to fp32 (a large one a slab of rows at a time) and call at::mm. With int16_act, one token
+// with 1-4 bit codes (decode) takes the integer path below (int16 activations x codes on vpmaddubsw),
+// about 2x the fp32 decoding, and few tokens with 8-bit codes int16 activations x codes on vpmaddwd
+// (int8_gemv.h), about 2-3x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
+
+#include "int8_gemv.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,7 +41,14 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+inline float hsum_max(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
 inline __m256 to_float(__m128i bytes8) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8)); }
+inline __m256 to_float_signed(__m128i bytes8) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes8)); }
 
 // Nibble codes that index a table of 16 levels (NF, Log2, binary, ternary): the "bits" of the templates.
 constexpr int kTable = 16;
@@ -56,10 +67,10 @@ inline void decode_block(const uint8_t* p, __m256 out[4], const float* table) {
   if constexpr (Bits == 8) {
     const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
-    out[0] = to_float(a);
-    out[1] = to_float(_mm_srli_si128(a, 8));
-    out[2] = to_float(b);
-    out[3] = to_float(_mm_srli_si128(b, 8));
+    out[0] = to_float_signed(a);
+    out[1] = to_float_signed(_mm_srli_si128(a, 8));
+    out[2] = to_float_signed(b);
+    out[3] = to_float_signed(_mm_srli_si128(b, 8));
   } else {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -181,37 +192,69 @@ struct IntAct {
                             // term then cancels exactly in the quantized domain (about 4 dB closer to fp32)
 };
 
-// Token x (zero padded to Kp) as step-ordered int16 byte planes with one scale per segment.
-IntAct quantize_token(const float* x, int64_t Kp, int64_t seg, int64_t group, int64_t G) {
+// Token x [K] as int16 values q [Kp] (zero padded), one scale per segment of `seg` inputs
+// (|q| <= kXMax, round half to even), and per group the sum of the quantized values (scale x q).
+// A segment holding NaN or Inf gets a NaN scale: its token's outputs are NaN, as in an fp32 matmul.
+void quantize_segments(const float* x, int64_t K, int64_t Kp, int64_t seg, int64_t group, int16_t* q, float* ascale,
+                       float* gsum) {
+  const __m256 sign = _mm256_set1_ps(-0.f), zero = _mm256_setzero_ps();
+  for (int64_t si = 0, k0 = 0; k0 < Kp; ++si, k0 += seg) {
+    const int64_t k1 = std::min(K, k0 + seg), kend = std::min(Kp, k0 + seg);
+    __m256 vmax = zero, bad = zero;
+    int64_t k = k0;
+    for (; k + 8 <= k1; k += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k);
+      vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_mul_ps(v, zero), zero, _CMP_NEQ_UQ));  // NaN or +-Inf
+    }
+    float amax = 0.f;
+    bool finite = !_mm256_movemask_ps(bad);
+    for (; k < k1; ++k) {
+      finite = finite && std::isfinite(x[k]);
+      amax = std::max(amax, std::fabs(x[k]));
+    }
+    amax = std::max(amax, hsum_max(vmax));
+    ascale[si] = finite ? amax / kXMax : std::numeric_limits<float>::quiet_NaN();
+    const float inv = finite && amax > 0 ? kXMax / amax : 0.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    __m256i total = _mm256_setzero_si256();
+    int32_t tail = 0;
+    for (k = k0; k + 16 <= k1; k += 16) {  // cvtps rounds half to even (the default MXCSR mode), as nearbyint
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv));
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k + 8), vinv));
+      total = _mm256_add_epi32(total, _mm256_add_epi32(a, b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    for (; k < k1; ++k) tail += q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
+    std::fill(q + std::max(k, k1), q + kend, int16_t(0));
+    const __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    const __m128i t2 = _mm_add_epi32(t4, _mm_unpackhi_epi64(t4, t4));
+    tail += _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 1)));
+    gsum[k0 / group] += ascale[si] * static_cast<float>(tail);
+  }
+}
+
+// Token x [K] as step-ordered int16 byte planes (see int_step) with one scale per segment.
+IntAct quantize_token(const float* x, int64_t K, int64_t Kp, int64_t seg, int64_t group, int64_t G) {
   const int64_t S = (Kp + seg - 1) / seg, steps = (Kp + kStep - 1) / kStep;
   IntAct a{std::vector<int8_t>(steps * kStepBytes, 0), std::vector<float>(S), std::vector<int32_t>(S),
            std::vector<float>(G, 0.f)};
   std::vector<int16_t> q(steps * kStep, 0);
-  for (int64_t si = 0; si < S; ++si) {
-    const int64_t k0 = si * seg, k1 = std::min(Kp, k0 + seg);
-    float amax = 0.f;
-    bool finite = true;
-    for (int64_t k = k0; k < k1; ++k) {
-      finite = finite && std::isfinite(x[k]);
-      amax = std::max(amax, std::fabs(x[k]));
-    }
-    a.scale[si] = finite ? amax / kXMax : std::numeric_limits<float>::quiet_NaN();  // NaN/Inf: NaN out
-    const float inv = finite && amax > 0 ? kXMax / amax : 0.f;
-    int64_t total = 0;
-    for (int64_t k = k0; k < k1; ++k) total += q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
-    a.group_of[si] = static_cast<int32_t>(k0 / group);  // a segment lies within one group
-    a.gsum[k0 / group] += a.scale[si] * static_cast<float>(total);
-  }
+  quantize_segments(x, K, Kp, seg, group, q.data(), a.scale.data(), a.gsum.data());
+  for (int64_t si = 0; si < S; ++si) a.group_of[si] = static_cast<int32_t>(si * seg / group);  // within one group
+  const __m128i k128 = _mm_set1_epi16(128);
   for (int64_t st = 0; st < steps; ++st) {
     int8_t* out = a.bytes.data() + st * kStepBytes;
     for (int half = 0; half < 2; ++half)  // codes j (low nibbles), then j + 16 (high nibbles)
-      for (int lane = 0; lane < 2; ++lane)  // block 2 st + lane
-        for (int j = 0; j < 16; ++j) {
-          const int v = q[st * kStep + lane * kBlock + half * 16 + j];
-          const int hi = (v + 128) >> 8;  // arithmetic shift: floor
-          out[half * 32 + lane * 16 + j] = static_cast<int8_t>(v - 256 * hi);
-          out[64 + half * 32 + lane * 16 + j] = static_cast<int8_t>(hi);
-        }
+      for (int lane = 0; lane < 2; ++lane) {  // block 2 st + lane: q = 256 hi + lo, hi = floor((q + 128) / 256)
+        const int16_t* v = q.data() + st * kStep + lane * kBlock + half * 16;
+        const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
+        const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8));
+        const __m128i h0 = _mm_srai_epi16(_mm_add_epi16(v0, k128), 8), h1 = _mm_srai_epi16(_mm_add_epi16(v1, k128), 8);
+        const __m128i l0 = _mm_sub_epi16(v0, _mm_slli_epi16(h0, 8)), l1 = _mm_sub_epi16(v1, _mm_slli_epi16(h1, 8));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + half * 32 + lane * 16), _mm_packs_epi16(l0, l1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 64 + half * 32 + lane * 16), _mm_packs_epi16(h0, h1));
+      }
   }
   return a;
 }
@@ -301,6 +344,85 @@ void int_gemv(const IntParams& p) {
     }
   });
 }
+
+// ---- Few tokens, 8-bit codes: int16 tokens x codes widened to int16 on vpmaddwd (int8_gemv.h) ----
+// Two sign-extending loads and two vpmaddwd per 32 codes and token, against about 14 instructions
+// for the fp32 decoding: the row streams at memory speed.
+constexpr int64_t kPrefetch8 = 2048;  // bytes of codes prefetched ahead
+
+template <int T>
+void int8_rows(const IntTokens& a, const ByteWeight& w, float* y, int64_t t0, int64_t n0, int64_t n1) {
+  constexpr int C = T == 1 ? 2 : 1;  // accumulators per token
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w.codes + n * w.Kp;
+    const float* sc = w.scale + n * w.G;
+    __m256 total[T];
+    for (int t = 0; t < T; ++t) total[t] = _mm256_setzero_ps();
+    for (int64_t si = 0, k0 = 0; k0 < w.Kp; ++si, k0 += a.seg) {
+      const int64_t k1 = std::min(w.Kp, k0 + a.seg);
+      __m256i acc[T][C];
+      for (int t = 0; t < T; ++t)
+        for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_si256();
+      for (int64_t k = k0; k < k1; k += kBlock) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetch8), _MM_HINT_T0);
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16)));
+        for (int t = 0; t < T; ++t) {
+          const int16_t* at = a.act + (t0 + t) * w.Kp + k;
+          const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+          const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 16)));
+          if constexpr (C == 2) {
+            acc[t][0] = _mm256_add_epi32(acc[t][0], p0);
+            acc[t][1] = _mm256_add_epi32(acc[t][1], p1);
+          } else {
+            acc[t][0] = _mm256_add_epi32(acc[t][0], _mm256_add_epi32(p0, p1));
+          }
+        }
+      }
+      const float s = sc[k0 / w.group];
+      for (int t = 0; t < T; ++t) {
+        const __m256i sum = C == 2 ? _mm256_add_epi32(acc[t][0], acc[t][C - 1]) : acc[t][0];
+        total[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(s * a.ascale[(t0 + t) * a.S + si]), total[t]);
+      }
+    }
+    const float* zr = w.zero + n * w.G;
+    for (int t = 0; t < T; ++t) {  // zero points: minus sum_g scale * zero * gsum, eight groups at a time
+      const float* gs = a.gsum + (t0 + t) * w.G;
+      int64_t g = 0;
+      for (; g + 8 <= w.G; g += 8)
+        total[t] = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(zr + g)),
+                                    _mm256_loadu_ps(gs + g), total[t]);
+      float corr = 0.f;
+      for (; g < w.G; ++g) corr += sc[g] * zr[g] * gs[g];
+      y[(t0 + t) * w.N + n] = hsum(total[t]) - corr;
+    }
+  }
+}
+
+}  // namespace
+
+int64_t segment_length(int64_t group, int64_t G, int64_t Kp, int64_t limit) {
+  if (G == 1) return std::min(Kp, limit / kBlock * kBlock);
+  for (int64_t s = std::min(group, limit) / kBlock * kBlock; s > kBlock; s -= kBlock)
+    if (group % s == 0) return s;
+  return kBlock;
+}
+
+void int8_codes_gemm(const IntTokens& a, const ByteWeight& w, float* y) {
+  const int64_t grain = std::max<int64_t>(2, (int64_t(1) << 15) / std::max<int64_t>(w.Kp * std::min<int64_t>(a.T, 4), 1));
+  at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
+    int64_t t = 0;
+    for (; t + 4 <= a.T; t += 4) int8_rows<4>(a, w, y, t, n0, n1);
+    switch (a.T - t) {
+      case 3: int8_rows<3>(a, w, y, t, n0, n1); break;
+      case 2: int8_rows<2>(a, w, y, t, n0, n1); break;
+      case 1: int8_rows<1>(a, w, y, t, n0, n1); break;
+      default: break;
+    }
+  });
+}
+
+namespace {
 
 // fp32 weight rows [n0, n1) of the first K inputs into out ([n1 - n0, K]).
 template <int Bits>
@@ -395,18 +517,30 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     return y;
   }
   const int64_t G = scale.numel() / n;
-  at::Tensor xp = at::zeros({M, Kp}, at::kFloat);
   const float* src = xc.data_ptr<float>();
-  float* dst = xp.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) std::copy(src + m * K, src + (m + 1) * K, dst + m * Kp);  // zero padded
   const int64_t seg = int_segment(group, G);
   if (M == 1 && bits == 4 && !levels && int16_act && seg > 0) {  // sums its own quantized token per group
-    const IntAct a = quantize_token(dst, Kp, seg, group, G);
+    const IntAct a = quantize_token(src, K, Kp, seg, group, G);
     IntParams ip{a.bytes.data(), a.scale.data(), a.group_of.data(), a.gsum.data(), codes.data_ptr<uint8_t>(), scale.data_ptr<float>(),
                  zero.data_ptr<float>(), y.data_ptr<float>(), n, Kp, G, group, seg, Kp / 2};
     int_gemv(ip);
     return y;
   }
+  if (bits == 8 && int16_act) {  // few tokens x 8-bit codes: int16 activations on vpmaddwd
+    const int64_t seg8 = segment_length(group, G, Kp, 256), S = (Kp + seg8 - 1) / seg8;
+    std::vector<int16_t> q(M * Kp);
+    std::vector<float> ascale(M * S), gsum(M * G, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      quantize_segments(src + m * K, K, Kp, seg8, group, q.data() + m * Kp, ascale.data() + m * S, gsum.data() + m * G);
+    const IntTokens a{q.data(), ascale.data(), gsum.data(), M, S, seg8};
+    const ByteWeight w{reinterpret_cast<const int8_t*>(codes.data_ptr<uint8_t>()), scale.data_ptr<float>(),
+                       zero.data_ptr<float>(), n, Kp, G, group};
+    int8_codes_gemm(a, w, y.data_ptr<float>());
+    return y;
+  }
+  at::Tensor xp = at::zeros({M, Kp}, at::kFloat);
+  float* dst = xp.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) std::copy(src + m * K, src + (m + 1) * K, dst + m * Kp);  // zero padded
   at::Tensor xsum = at::empty({M, G}, at::kFloat);
   float* sums = xsum.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {  // per-group sums of each token, for the zero points
