@@ -445,8 +445,8 @@ void dequantize_rows(const Params& p, int64_t K, int64_t n0, int64_t n1, float* 
 }
 
 template <int Bits>
-at::Tensor dequantize_t(const Params& p, int64_t K, int64_t n0, int64_t n1) {
-  at::Tensor w = at::empty({n1 - n0, K}, at::kFloat);
+at::Tensor dequantize_t(const Params& p, int64_t K, int64_t n0, int64_t n1, at::Tensor w) {
+  if (!w.defined()) w = at::empty({n1 - n0, K}, at::kFloat);
   float* out = w.data_ptr<float>();
   at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) { dequantize_rows<Bits>(p, K, a, b, out + (a - n0) * K); });
   return w;
@@ -482,9 +482,19 @@ const float* table_of(const c10::optional<at::Tensor>& table, int64_t bits) {
   return table->data_ptr<float>();
 }
 
-at::Tensor dequantize_any(const Params& p, int64_t bits, int64_t K, int64_t n0, int64_t n1) {
-  if (bits == 8) return dequantize_t<8>(p, K, n0, n1);
-  return p.table ? dequantize_t<kTable>(p, K, n0, n1) : dequantize_t<4>(p, K, n0, n1);
+// The fp32 weight rows [n0, n1) into `out` ([n1 - n0, K]; a new tensor when undefined).
+at::Tensor dequantize_any(const Params& p, int64_t bits, int64_t K, int64_t n0, int64_t n1, at::Tensor out = {}) {
+  if (bits == 8) return dequantize_t<8>(p, K, n0, n1, out);
+  return p.table ? dequantize_t<kTable>(p, K, n0, n1, out) : dequantize_t<4>(p, K, n0, n1, out);
+}
+
+// A float buffer of `rows` x `cols` reused by the calling thread: a fresh one per call cost page faults
+// on every prefill (a dequantized SmolLM2 MLP weight is 3.5 MB). Grows to the largest request (at most
+// kWholeWeight values, 16 MB, per thread that runs prefills).
+at::Tensor scratch(int64_t rows, int64_t cols) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < rows * cols) buffer = at::empty({rows * cols}, at::kFloat);
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 }  // namespace
@@ -505,13 +515,13 @@ at::Tensor wo_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     p.table = levels;
     if (n * K <= kWholeWeight) {  // one product straight into y: no copy of column slabs
       at::NoGradGuard no_grad;  // the op has no gradient; an input that requires one must not stop mm_out
-      at::mm_out(y, xc, dequantize_any(p, bits, K, 0, n).t());
+      at::mm_out(y, xc, dequantize_any(p, bits, K, 0, n, scratch(n, K)).t());
       return y;
     }
     const int64_t slab = std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(K, 1)) / 16 * 16;
     for (int64_t n0 = 0; n0 < n; n0 += slab) {
       const int64_t n1 = std::min(n, n0 + slab);
-      at::Tensor w = dequantize_any(p, bits, K, n0, n1);
+      at::Tensor w = dequantize_any(p, bits, K, n0, n1, scratch(n1 - n0, K));
       y.narrow(1, n0, n1 - n0).copy_(at::mm(xc, w.t()));
     }
     return y;
