@@ -5,15 +5,16 @@ with any zero point (integer or fractional), and level-table formats of up to 16
 Log2 2-4, binary, ternary: two in-register permutes per 8 codes): codes are decoded to fp32 in
 registers and multiplied with the float activations, so the float weight never exists for a few
 tokens (decode); from ``DEQUANT_FROM`` tokens on, the weight (a large one in slabs of rows) is
-dequantized to fp32 and multiplied by at::mm. Codes of 1-4 bits are held as nibbles (two per byte), 5-8 bits as bytes.
-One token with 1-4 bit integer codes (decode) instead quantizes the activation to int16 per
+dequantized to fp32 and multiplied by at::mm. Codes of 1-4 bits are held as nibbles (two per
+byte), 5-8 bits as bytes. One token with 1-4 bit integer codes (decode) instead quantizes the activation to int16 per
 segment of the group and multiplies it with the nibble codes on vpmaddubsw (``int16_act``):
 0.63-0.74 ms against 1.21-1.27 ms for the fp32 decoding at 4096 x 4096 w4-g128 from DRAM on a
 Zen 3, at 87-96 dB SQNR to the reference (the activation's int16 rounding). Fewer than
 ``DEQUANT_FROM`` tokens with 5-8 bit codes do the same on vpmaddwd (codes held as code - 128 in
-int8): 0.64-0.68 ms against 0.93 ms at 4096 x 4096 w8 per channel from DRAM on a Zen 3, 91-94 dB. On AVX-512 machines
-the VNNI kernels (priority 10) run first; these cover the other x86 CPUs (Zen 1-3, older Intel).
-``cpu-avx2-w8a8`` runs W8A8 layers there on fake-quantized activations (see its docstring); on
+int8): 0.64-0.68 ms against 0.93 ms for the fp32 decoding at 4096 x 4096 w8 per channel from DRAM
+on a Zen 3, at 91-94 dB. On AVX-512 machines the VNNI kernels (priority 10) run first; these
+cover the other x86 CPUs (Zen 1-3, older Intel). ``cpu-avx2-w8a8`` runs W8A8 layers there (integer
+codes x codes for few tokens, fake-quantized activations for many; see its docstring); on
 AVX-512 machines it also takes the W8A8 layers the VNNI kernel refuses (e.g. per-tensor dynamic
 activations), which would otherwise fall to the reference.
 """
@@ -212,8 +213,8 @@ def quantized_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def avx2_w8a8_linear(module: nn.Module, x: torch.Tensor, dequant_from: int = DEQUANT_FROM) -> torch.Tensor:
     """W8A8 on AVX2 CPUs: the reference's activation codes (dynamic per token or static, after
     SmoothQuant's divisor). Fewer than ``dequant_from`` tokens (decode) multiply those codes with the
-    int8 weight codes in int32 on vpmaddwd (exact sums, one fp32 rescale: memory-bound, 0.68 ms at
-    4096 x 4096 from DRAM on a Zen 3 against 5.1 ms for fp32 F.linear). More tokens get the codes
+    int8 weight codes in int32 on vpmaddwd (exact sums, one fp32 rescale: memory-bound, 0.69 ms at
+    4096 x 4096 from DRAM on a Zen 3 against 3.16 ms for fp32 F.linear in the same run). More tokens get the codes
     dequantized in one native pass, times the int8 weight decoded by the AVX2 kernel and at::mm.
 
     Not an integer GEMM for many tokens: torch._int_mm (cpu-int8-portable) has no fast AVX2 path
