@@ -148,6 +148,15 @@ def test_avx2_edge_inputs():
     assert sqnr_db(reference.linear(module, strided), cpu_avx2.avx2_linear(module, strided)) > FP32_FLOOR
 
 
+def _check_int16_path(module: QLinear, x: torch.Tensor, label: str) -> None:
+    """The int16 activation path above INT16_FLOOR and the fp32 decoding above FP32_FLOOR, against the reference."""
+    fast = cpu_avx2.avx2_linear(module, x)
+    slow = cpu_avx2.avx2_linear(module, x, int16_act=False)
+    ref = reference.linear(module, x)
+    assert sqnr_db(ref, slow) > FP32_FLOOR
+    assert sqnr_db(ref, fast) > INT16_FLOOR, f"{label}: {sqnr_db(ref, fast):.1f} dB"
+
+
 @avx2
 @pytest.mark.parametrize("k", [4096, 300, 96, 80, 32])  # 128 blocks; 10; 3 and 3 (an odd last block); 1
 @pytest.mark.parametrize(
@@ -170,11 +179,7 @@ def test_avx2_int16_token_path(fmt, gran, k):
     for seed in range(3):
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed)) * 10.0**seed
         x[0, seed * 7 % k] *= 50.0  # an outlier input, as in LLM activations
-        fast = cpu_avx2.avx2_linear(module, x)
-        slow = cpu_avx2.avx2_linear(module, x, int16_act=False)
-        ref = reference.linear(module, x)
-        assert sqnr_db(ref, slow) > FP32_FLOOR
-        assert sqnr_db(ref, fast) > INT16_FLOOR, f"{fmt.name} {gran.name} k={k}: {sqnr_db(ref, fast):.1f} dB"
+        _check_int16_path(module, x, f"{fmt.name} {gran.name} k={k}")
     assert torch.equal(cpu_avx2.avx2_linear(module, torch.zeros(1, k)), module.bias.float().view(1, -1))
     for bad in (float("nan"), float("inf")):
         x = torch.randn(1, k)
@@ -356,11 +361,7 @@ def test_avx2_int8_codes_token_path(fmt, gran, scale_dtype):
     for m in (1, 2, 4, 7, cpu_avx2.DEQUANT_FROM - 1):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 10.0 ** (m % 3)
         x[:, (7 * m) % k] *= 50.0  # an outlier input, as in LLM activations
-        fast = cpu_avx2.avx2_linear(module, x)
-        slow = cpu_avx2.avx2_linear(module, x, int16_act=False)
-        ref = reference.linear(module, x)
-        assert sqnr_db(ref, slow) > FP32_FLOOR
-        assert sqnr_db(ref, fast) > INT16_FLOOR, f"{fmt.name} {gran.name} M={m}: {sqnr_db(ref, fast):.1f} dB"
+        _check_int16_path(module, x, f"{fmt.name} {gran.name} M={m}")
     assert torch.equal(cpu_avx2.avx2_linear(module, torch.zeros(3, k)), module.bias.float().expand(3, -1))
     x = torch.randn(3, k)
     x[1, k // 2] = float("inf")

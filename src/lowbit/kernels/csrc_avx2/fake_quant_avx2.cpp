@@ -163,13 +163,8 @@ std::tuple<at::Tensor, at::Tensor> w8a8_linear_int(const at::Tensor& x, const c1
   TORCH_CHECK(qmax - qmin <= 255, "lowbit_avx2: w8a8_linear_int takes activations of at most 8 bits, got [", qmin,
               ", ", qmax, "]");
   const int64_t M = x.size(0), K = x.size(1), Kp = (K + 31) / 32 * 32;
-  TORCH_CHECK(group > 0 && group % 32 == 0, "lowbit_avx2: group ", group, " must be a positive multiple of 32");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == n * Kp,
-              "lowbit_avx2: codes must be contiguous uint8 [", n, ", ", Kp, "]");
-  const int64_t G = n > 0 ? scale.numel() / n : 1;
-  for (const at::Tensor* t : {&scale, &zero})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n * G && G == (Kp + group - 1) / group,
-                "lowbit_avx2: scale/zero must be contiguous float32 [N, groups]");
+  check_inputs(codes, scale, zero, 8, group, n, K);
+  const int64_t G = (Kp + group - 1) / group;
   at::Tensor xc = x.contiguous(), sm = smooth_of(smooth, K);
   const ActQuant aq = act_quant(x_scale, x_zero_point, qmin, qmax);
   at::Tensor y = at::empty({M, n}, at::kFloat);

@@ -11,6 +11,8 @@
 // (|act| <= 255, W8A8) allow segments of up to 16384 inputs.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 
 namespace lowbit_avx2 {
@@ -31,6 +33,11 @@ struct ByteWeight {
 
 // y [T, N] (row-major) = the tokens times the weight, rows split over threads.
 void int8_codes_gemm(const IntTokens& a, const ByteWeight& w, float* y);
+
+// Checks the AVX2 weight layout of an [n, k] layer: `bits` 4 (nibble blocks) or 8 (bytes), codes
+// contiguous uint8, scale and zero contiguous float32 [n, groups of `group` inputs].
+void check_inputs(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group,
+                  int64_t n, int64_t k);
 
 // The segment length for weights grouped by `group` inputs (G groups): a multiple of 32 that
 // divides the group (or any, for one group), at most `limit`.

@@ -401,6 +401,20 @@ void int8_rows(const IntTokens& a, const ByteWeight& w, float* y, int64_t t0, in
 
 }  // namespace
 
+void check_inputs(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group,
+                  int64_t n, int64_t k) {
+  TORCH_CHECK(bits == 4 || bits == 8, "lowbit_avx2: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(group > 0 && group % kBlock == 0, "lowbit_avx2: group ", group, " must be a positive multiple of 32");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "lowbit_avx2: codes must be contiguous uint8");
+  const int64_t kp = (k + kBlock - 1) / kBlock * kBlock, groups = (kp + group - 1) / group;
+  TORCH_CHECK(codes.numel() == n * (bits == 8 ? kp : kp / 2), "lowbit_avx2: codes hold ", codes.numel(),
+              " bytes, expected ", n * (bits == 8 ? kp : kp / 2));
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n * groups,
+                "lowbit_avx2: scale/zero must be contiguous float32 [N, groups]");
+  }
+}
+
 int64_t segment_length(int64_t group, int64_t G, int64_t Kp, int64_t limit) {
   if (G == 1) return std::min(Kp, limit / kBlock * kBlock);
   for (int64_t s = std::min(group, limit) / kBlock * kBlock; s > kBlock; s -= kBlock)
@@ -452,19 +466,6 @@ at::Tensor dequantize_t(const Params& p, int64_t K, int64_t n0, int64_t n1, at::
   return w;
 }
 
-void check_inputs(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, int64_t bits, int64_t group,
-                  int64_t n, int64_t k) {
-  TORCH_CHECK(bits == 4 || bits == 8, "lowbit_avx2: bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(group > 0 && group % kBlock == 0, "lowbit_avx2: group ", group, " must be a positive multiple of 32");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "lowbit_avx2: codes must be contiguous uint8");
-  const int64_t kp = (k + kBlock - 1) / kBlock * kBlock, groups = (kp + group - 1) / group;
-  TORCH_CHECK(codes.numel() == n * (bits == 8 ? kp : kp / 2), "lowbit_avx2: codes hold ", codes.numel(),
-              " bytes, expected ", n * (bits == 8 ? kp : kp / 2));
-  for (const at::Tensor* t : {&scale, &zero}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n * groups,
-                "lowbit_avx2: scale/zero must be contiguous float32 [N, groups]");
-  }
-}
 
 Params make_params(const at::Tensor& xp, const at::Tensor& xsum, const at::Tensor& codes, const at::Tensor& scale,
                    const at::Tensor& zero, at::Tensor& y, int64_t bits, int64_t group, int64_t n, int64_t kp) {
